@@ -1,0 +1,27 @@
+"""nft-kernels: fused Triton kernels for NFT (Negative-aware Fine-Tuning, arXiv 2505.18116)
+and its baselines (RFT, GRPO, Dr. GRPO, DAPO), exact against a float64 reference."""
+
+from .api import (
+    fused_linear_logprobs,
+    fused_linear_nft_loss,
+    fused_linear_ppo_loss,
+    nft_loss,
+    ppo_clip_loss,
+)
+from .heads import HeadSpec
+from .modules import FusedLinearNFTLoss, FusedLinearPPOLoss, NFTLoss, PPOClipLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedLinearNFTLoss",
+    "FusedLinearPPOLoss",
+    "HeadSpec",
+    "NFTLoss",
+    "PPOClipLoss",
+    "fused_linear_logprobs",
+    "fused_linear_nft_loss",
+    "fused_linear_ppo_loss",
+    "nft_loss",
+    "ppo_clip_loss",
+]

@@ -1,0 +1,216 @@
+"""The public functions: fused LM head + loss, and the same losses on given log-probs.
+
+Shapes: ``hidden`` is [..., H] and every per-token argument has the leading shape [...] (a
+flat [N, H] with [N] targets is the usual case). ``weight`` is [V, H] (``lm_head.weight``).
+Losses and log-probs come back in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import validation as val
+from .autograd import FusedLinearHead, LossHead
+from .backend import resolve
+from .heads import HeadSpec
+
+
+def _counted_rows(mask_flat, n, device):
+    if mask_flat is None:
+        return torch.arange(n, device=device, dtype=torch.int64)
+    return torch.nonzero(mask_flat, as_tuple=False).reshape(-1)
+
+
+def _reduce(loss_t, n_counted, reduction, lead_shape):
+    if reduction == "none":
+        return loss_t.reshape(lead_shape)
+    total = loss_t.sum()
+    if reduction == "mean":
+        return total / max(n_counted, 1)  # no counted token: 0, not NaN
+    return total
+
+
+def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio) -> HeadSpec:
+    val.check_scalar("neg_weight", neg_weight, low=0.0)
+    val.check_scalar("normalize", normalize, integer_choices=(0, 1, 2))
+    val.check_scalar("clip_negative", clip_negative, low=0.0, low_open=True)
+    val.check_scalar("max_log_ratio", max_log_ratio, low=0.0, low_open=True)
+    lo, hi = val.check_rate_clamp(rate_clamp)
+    return HeadSpec(kind="nft", neg_weight=float(neg_weight), normalize=int(normalize),
+                    clip_negative=float(clip_negative), rate_lo=lo, rate_hi=hi,
+                    max_log_ratio=float(max_log_ratio))
+
+
+def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio) -> HeadSpec:
+    val.check_scalar("clip_low", clip_low, low=0.0)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1, got {clip_low!r}")
+    val.check_scalar("clip_high", clip_high, low=0.0)
+    val.check_scalar("max_log_ratio", max_log_ratio, low=0.0, low_open=True)
+    if clip_ratio_c is not None:
+        val.check_scalar("clip_ratio_c", clip_ratio_c, low=1.0, low_open=True)
+    return HeadSpec(kind="ppo", clip_low=float(clip_low), clip_high=float(clip_high),
+                    clip_ratio_c=float(clip_ratio_c or 0.0), max_log_ratio=float(max_log_ratio))
+
+
+def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, unit_names,
+           reduction, filter_eps, deterministic, impl, validate, compute_entropy):
+    """Shared body of the fused entry points. ``per_token``: name -> tensor or None, in the
+    order (old_logprobs, reward-or-advantage, correct_rate)."""
+    val.check_linear_inputs(hidden, weight, bias)
+    val.check_scalar("temperature", temperature, low=0.0, low_open=True)
+    val.check_reduction(reduction)
+    val.check_filter_eps(filter_eps)
+    backend = resolve(impl, hidden.device)
+    width = hidden.shape[-1]
+    lead = tuple(hidden.shape[:-1])
+    dev = hidden.device
+    h = hidden.reshape(-1, width)
+    target = val.flatten_tokens("target", target, lead, dev, kind="index").contiguous()
+    flat = {name: None if t is None else
+            val.flatten_tokens(name, t, lead, dev).contiguous() for name, t in per_token.items()}
+    mask_flat = None
+    if mask is not None:
+        mask_flat = val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
+    if validate:
+        counted = mask_flat
+        val.check_targets(target, weight.shape[0],
+                          counted if counted is not None else torch.ones_like(target, dtype=bool))
+        for name, t in flat.items():
+            if t is None:
+                continue
+            if name in unit_names:
+                val.check_unit_interval(name, t, counted)
+            elif name == "old_logprobs":
+                val.check_no_nan(name, t, counted)
+            else:
+                val.check_finite(name, t, counted)
+        val.check_finite("hidden", h)
+        val.check_finite("weight", weight)
+        if bias is not None:
+            val.check_finite("bias", bias)
+    rows = _counted_rows(mask_flat, h.shape[0], dev)
+    old, reward, rate = flat.values() if flat else (None, None, None)
+    loss_t, logp, entropy = FusedLinearHead.apply(
+        h, weight, bias, target, rows, old, reward, rate, spec, 1.0 / float(temperature),
+        compute_entropy, backend, filter_eps, bool(deterministic))
+    return _reduce(loss_t, rows.numel(), reduction, lead), logp.reshape(lead), \
+        entropy.reshape(lead)
+
+
+@torch.compiler.disable
+def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None,
+                          *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
+                          clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
+                          reduction="sum", filter_eps=None, deterministic=False, impl="auto",
+                          validate=True, return_stats=False):
+    """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
+
+    Per counted token: logp = log_softmax((h W^T + b) / T)[target];
+    R = exp(min(logp - old, max_log_ratio)); r_hat = clamp(correct_rate, *rate_clamp);
+    loss = w * (r * -log R + neg_weight * (1 - r) * -log max_st((1 - r_hat R)/(1 - r_hat), eps))
+    with eps = clip_negative and w = 1, 1 - r_hat, sqrt((1 - r_hat)/r_hat) for normalize 0/1/2.
+    ``neg_weight=0, normalize=0`` is RFT. ``filter_eps`` skips gradient tiles whose
+    |onehot - p| < filter_eps (approximate); ``deterministic=True`` avoids atomics.
+    With ``return_stats=True`` also returns {"logprobs", "entropy"} per token (detached).
+    """
+    spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
+    loss, logp, entropy = _fused(
+        hidden, weight, target, mask, bias, temperature, spec,
+        {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate},
+        unit_names=("rewards", "correct_rate"), reduction=reduction, filter_eps=filter_eps,
+        deterministic=deterministic, impl=impl, validate=validate, compute_entropy=return_stats)
+    if return_stats:
+        return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
+    return loss
+
+
+@torch.compiler.disable
+def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
+                          bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
+                          clip_ratio_c=None, max_log_ratio=10.0, reduction="sum",
+                          filter_eps=None, deterministic=False, impl="auto", validate=True,
+                          return_stats=False):
+    """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
+    clip-higher (``clip_high=0.28``), the paper's baselines, on the same kernels.
+
+    loss = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)) per counted token, with the
+    optional dual clip ``clip_ratio_c``. Token-level aggregation ("sum" then divide by a global
+    token count, or "mean") is the caller's choice through ``reduction``.
+    """
+    spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
+    loss, logp, entropy = _fused(
+        hidden, weight, target, mask, bias, temperature, spec,
+        {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None},
+        unit_names=(), reduction=reduction, filter_eps=filter_eps, deterministic=deterministic,
+        impl=impl, validate=validate, compute_entropy=return_stats)
+    if return_stats:
+        return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
+    return loss
+
+
+@torch.compiler.disable
+def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
+                          return_entropy=False, mask=None, impl="auto", validate=True,
+                          deterministic=False):
+    """fp32 log pi(target) = log_softmax((h W^T + b) / T)[target] per token, differentiable
+    (and the per-token entropy of the softmax, also differentiable, with return_entropy).
+
+    Under ``torch.no_grad()`` this is how a trainer recomputes old log-probs with the same
+    kernel as the loss, so that on-policy R is exactly 1. Masked tokens return 0.
+    """
+    loss, logp, entropy = _fused(
+        hidden, weight, target, mask, bias, temperature, HeadSpec(kind="none"), {},
+        unit_names=(), reduction="none", filter_eps=None, deterministic=deterministic,
+        impl=impl, validate=validate, compute_entropy=return_entropy)
+    del loss
+    return (logp, entropy) if return_entropy else logp
+
+
+def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, unit_names):
+    val.check_reduction(reduction)
+    val.check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
+    lead = tuple(logprobs.shape)
+    dev = logprobs.device
+    flat = {name: val.flatten_tokens(name, t, lead, dev).contiguous()
+            for name, t in per_token.items()}
+    mask_flat = None
+    if mask is not None:
+        mask_flat = (val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+    logp = logprobs.reshape(-1).contiguous()
+    if validate:
+        val.check_no_nan("logprobs", logp, mask_flat)
+        for name, t in flat.items():
+            if name in unit_names:
+                val.check_unit_interval(name, t, mask_flat)
+            elif name == "old_logprobs":
+                val.check_no_nan(name, t, mask_flat)
+            else:
+                val.check_finite(name, t, mask_flat)
+    backend = resolve(impl, dev)
+    values = list(flat.values()) + [None] * (3 - len(flat))
+    loss_t = LossHead.apply(logp, *values, mask_flat, spec, backend)
+    n_counted = logp.numel() if mask_flat is None else int(mask_flat.sum())
+    return _reduce(loss_t, n_counted, reduction, lead)
+
+
+@torch.compiler.disable
+def nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask=None, *, neg_weight=1.0,
+             normalize=1, clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
+             reduction="sum", impl="auto", validate=True):
+    """The NFT loss of ``fused_linear_nft_loss`` on log-probs the caller already has
+    (differentiable w.r.t. ``logprobs``)."""
+    spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
+    return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "rewards": rewards,
+                                         "correct_rate": correct_rate},
+                        mask, reduction, impl, validate, ("rewards", "correct_rate"))
+
+
+@torch.compiler.disable
+def ppo_clip_loss(logprobs, old_logprobs, advantages, mask=None, *, clip_low=0.2, clip_high=0.2,
+                  clip_ratio_c=None, max_log_ratio=10.0, reduction="sum", impl="auto",
+                  validate=True):
+    """The PPO-clip loss of ``fused_linear_ppo_loss`` on given log-probs."""
+    spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
+    return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "advantages": advantages},
+                        mask, reduction, impl, validate, ())

@@ -1,0 +1,125 @@
+"""The chunked pure-PyTorch path: the kernels' math for CPUs without Triton.
+
+Same algorithm as the Triton kernels: an online fp32 log-sum-exp (and entropy) over vocabulary
+chunks, so no [N, V] tensor exists; the backward recomputes each chunk's logits. The extra
+memory is one [n, chunk] block, where chunk shrinks as the number of counted rows n grows.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .heads import HeadSpec, head_loss_and_grad
+
+# Elements of one fp32 [n, chunk] logits block (16 MiB).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _vocab_chunk(n_rows: int, vocab: int) -> int:
+    return max(64, min(vocab, CHUNK_ELEMENTS // max(n_rows, 1)))
+
+
+def _scaled_logits(h32, weight, bias, v0, v1, inv_temperature):
+    x = h32 @ weight[v0:v1].float().T
+    if bias is not None:
+        x = x + bias[v0:v1].float()
+    return x * inv_temperature
+
+
+def forward(hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpec,
+            inv_temperature: float, compute_entropy: bool):
+    """Returns full-length fp32 (logp, lse, entropy, loss, g); uncounted rows hold 0."""
+    n_total, vocab = hidden.shape[0], weight.shape[0]
+    out = [torch.zeros(n_total, dtype=torch.float32, device=hidden.device) for _ in range(5)]
+    logp_out, lse_out, ent_out, loss_out, g_out = out
+    n = rows.numel()
+    if n == 0:
+        return tuple(out)
+    h32 = hidden.index_select(0, rows).float()
+    tgt = target.index_select(0, rows).long()
+    m = torch.full((n,), float("-inf"), device=hidden.device)
+    s = torch.zeros(n, device=hidden.device)
+    t = torch.zeros(n, device=hidden.device)
+    x_target = torch.zeros(n, device=hidden.device)
+    chunk = _vocab_chunk(n, vocab)
+    for v0 in range(0, vocab, chunk):
+        v1 = min(v0 + chunk, vocab)
+        x = _scaled_logits(h32, weight, bias, v0, v1, inv_temperature)
+        m_new = torch.maximum(m, x.max(dim=1).values)
+        alpha = torch.exp(m - m_new)
+        e = torch.exp(x - m_new[:, None])
+        if compute_entropy:
+            shift = s * (torch.where(s > 0, m, m_new) - m_new)  # no 0 * inf while m = -inf
+            t = alpha * (t + shift) + (e * (x - m_new[:, None])).sum(dim=1)
+        s = alpha * s + e.sum(dim=1)
+        m = m_new
+        here = (tgt >= v0) & (tgt < v1)
+        idx = (tgt - v0).clamp(0, v1 - v0 - 1)
+        x_target += torch.where(here, x.gather(1, idx[:, None]).squeeze(1), torch.zeros_like(m))
+    lse = m + torch.log(s)
+    logp = x_target - lse
+    logp_out[rows] = logp
+    lse_out[rows] = lse
+    if compute_entropy:
+        ent_out[rows] = torch.log(s) - t / s
+    if spec.kind != "none":
+        loss, g = head_loss_and_grad(spec, logp, old.index_select(0, rows).float(),
+                                     reward.index_select(0, rows).float(),
+                                     rate.index_select(0, rows).float() if rate is not None
+                                     else None)
+        loss_out[rows] = loss
+        g_out[rows] = g
+    return tuple(out)
+
+
+def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
+             inv_temperature: float, filter_eps, deterministic: bool):
+    """fp32 (dH [N, H], dW [V, H], d bias [V] or None). Always deterministic on CPU."""
+    del deterministic  # chunked matmuls have a fixed summation order
+    vocab, width = weight.shape
+    dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    dw = torch.zeros((vocab, width), dtype=torch.float32, device=weight.device)
+    db = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=bias.device)
+    g = g_logp.index_select(0, rows)
+    ge = None if g_ent is None else g_ent.index_select(0, rows)
+    carries = g != 0 if ge is None else (g != 0) | (ge != 0)
+    rows = rows[carries]  # rows with zero gradient contribute nothing: skip them entirely
+    if rows.numel() == 0:
+        return dh, dw, db
+    g, ge = g[carries], None if ge is None else ge[carries]
+    h32 = hidden.index_select(0, rows).float()
+    tgt = target.index_select(0, rows).long()
+    row_lse = lse.index_select(0, rows)
+    row_ent = None if ge is None else entropy.index_select(0, rows)
+    dh_rows = torch.zeros_like(h32)
+    chunk = _vocab_chunk(rows.numel(), vocab)
+    for v0 in range(0, vocab, chunk):
+        v1 = min(v0 + chunk, vocab)
+        x = _scaled_logits(h32, weight, bias, v0, v1, inv_temperature)
+        log_p = x - row_lse[:, None]
+        p = torch.exp(log_p)
+        onehot = torch.zeros_like(p)
+        here = (tgt >= v0) & (tgt < v1)
+        onehot[here, tgt[here] - v0] = 1.0
+        if filter_eps is not None and (onehot - p).abs().max() < filter_eps:
+            continue
+        dz = g[:, None] * (onehot - p)  # d logp / dz = (onehot - p) / T
+        if ge is not None:
+            dz = dz - ge[:, None] * p * (log_p + row_ent[:, None])  # d entropy / dz
+        dz = dz * inv_temperature
+        dh_rows += dz @ weight[v0:v1].float()
+        dw[v0:v1] = dz.T @ h32
+        if db is not None:
+            db[v0:v1] = dz.sum(dim=0)
+    dh[rows] = dh_rows
+    return dh, dw, db
+
+
+def head_forward(logp, old, reward, rate, mask, spec: HeadSpec):
+    """Loss head on given log-probs (nft_loss / ppo_clip_loss): fp32 (loss_t, g_t)."""
+    loss, g = head_loss_and_grad(spec, logp.float(), old.float(), reward.float(),
+                                 None if rate is None else rate.float())
+    if mask is not None:
+        loss = torch.where(mask, loss, torch.zeros_like(loss))
+        g = torch.where(mask, g, torch.zeros_like(g))
+    return loss, g

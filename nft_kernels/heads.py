@@ -1,0 +1,102 @@
+"""Loss heads: what the loss does with each token's log-probability.
+
+``HeadSpec`` carries a head's options; ``head_loss_and_grad`` evaluates a head in PyTorch
+(fp32) and returns the per-token loss and g = d loss / d logp. The same math runs in Triton in
+``ops/heads.py``; ``reference.py`` computes it a third way, in float64 with autograd.
+Equation numbers refer to arXiv 2505.18116.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEAD_KINDS = ("none", "nft", "ppo")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    kind: str = "none"  # "none" (log-probs only) | "nft" | "ppo"
+    # NFT (Eq. 8): weight of the negative term (0 = RFT), prompt weight omega, eps of max_st
+    neg_weight: float = 1.0
+    normalize: int = 1
+    clip_negative: float = 1.0
+    rate_lo: float = 0.02
+    rate_hi: float = 0.98
+    # PPO-clip (GRPO / Dr. GRPO / DAPO): ratio clip range and optional dual clip (0 = off)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float = 0.0
+    # both: R = exp(min(logp - old, max_log_ratio))
+    max_log_ratio: float = 10.0
+
+    @property
+    def code(self) -> int:
+        return HEAD_KINDS.index(self.kind)
+
+    def kernel_scalars(self) -> dict:
+        """Hyper-parameters as explicit Python floats (never fp64 tensors: Liger PR #1366)."""
+        return dict(
+            neg_weight=float(self.neg_weight), clip_negative=float(self.clip_negative),
+            rate_lo=float(self.rate_lo), rate_hi=float(self.rate_hi),
+            clip_low=float(self.clip_low), clip_high=float(self.clip_high),
+            clip_ratio_c=float(self.clip_ratio_c), max_log_ratio=float(self.max_log_ratio),
+        )
+
+
+def _clamped_log_ratio(logp, old, max_log_ratio):
+    x = logp - old
+    clamped = x > max_log_ratio
+    return torch.where(clamped, torch.full_like(x, max_log_ratio), x), clamped
+
+
+def prompt_weight(r_hat: torch.Tensor, normalize: int) -> torch.Tensor:
+    """omega(q) of Sec. 4.3: 1, 1 - r_hat (~ Dr. GRPO) or sqrt((1 - r_hat)/r_hat) (~ GRPO)."""
+    if normalize == 0:
+        return torch.ones_like(r_hat)
+    if normalize == 1:
+        return 1.0 - r_hat
+    return torch.sqrt((1.0 - r_hat) / r_hat)
+
+
+def nft_loss_and_grad(logp, old, reward, rate, spec: HeadSpec):
+    """NFT per token (Eq. 8) and its derivative w.r.t. logp; all inputs fp32."""
+    log_ratio, clamped = _clamped_log_ratio(logp, old, spec.max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    r_hat = rate.clamp(spec.rate_lo, spec.rate_hi)
+    q = (1.0 - r_hat * ratio) / (1.0 - r_hat)
+    q_st = q.clamp(min=spec.clip_negative)  # value of max_st; gradient passes straight through
+    w = prompt_weight(r_hat, spec.normalize)
+    loss = w * (reward * -log_ratio + spec.neg_weight * (1.0 - reward) * -torch.log(q_st))
+    zero = torch.zeros_like(ratio)
+    d_pos = torch.where(clamped, zero, -torch.ones_like(ratio))
+    d_neg = r_hat * torch.where(clamped, zero, ratio) / ((1.0 - r_hat) * q_st)
+    g = w * (reward * d_pos + spec.neg_weight * (1.0 - reward) * d_neg)
+    return loss, g
+
+
+def ppo_loss_and_grad(logp, old, advantage, spec: HeadSpec):
+    """PPO-clip per token with optional dual clip, and its derivative w.r.t. logp."""
+    log_ratio, clamped = _clamped_log_ratio(logp, old, spec.max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1.0 - spec.clip_low, 1.0 + spec.clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    g = torch.where((unclipped >= clipped) & ~clamped, -advantage * ratio, torch.zeros_like(ratio))
+    if spec.clip_ratio_c > 1.0:
+        cap = -advantage * spec.clip_ratio_c
+        dual = (advantage < 0) & (cap < loss)
+        loss = torch.where(dual, cap, loss)
+        g = torch.where(dual, torch.zeros_like(g), g)
+    return loss, g
+
+
+def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate):
+    """Dispatch on spec.kind; ``reward`` holds the advantage for the PPO head."""
+    if spec.kind == "nft":
+        return nft_loss_and_grad(logp, old, reward, rate, spec)
+    if spec.kind == "ppo":
+        return ppo_loss_and_grad(logp, old, reward, spec)
+    zeros = torch.zeros_like(logp)
+    return zeros, zeros

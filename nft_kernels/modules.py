@@ -1,0 +1,49 @@
+"""nn.Module forms of the losses, holding their options (as Liger-Kernel's modules do)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .api import fused_linear_nft_loss, fused_linear_ppo_loss, nft_loss, ppo_clip_loss
+
+
+class _OptionsModule(nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+class FusedLinearNFTLoss(_OptionsModule):
+    """``loss = FusedLinearNFTLoss(normalize=1)(hidden, lm_head.weight, target, old, r, r_hat,
+    mask, bias=lm_head.bias)``; options as in ``fused_linear_nft_loss``."""
+
+    def forward(self, hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None,
+                bias=None):
+        return fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards,
+                                     correct_rate, mask, bias=bias, **self.options)
+
+
+class FusedLinearPPOLoss(_OptionsModule):
+    """PPO-clip (GRPO / Dr. GRPO / DAPO) on hidden states; options as in
+    ``fused_linear_ppo_loss``."""
+
+    def forward(self, hidden, weight, target, old_logprobs, advantages, mask=None, bias=None):
+        return fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask,
+                                     bias=bias, **self.options)
+
+
+class NFTLoss(_OptionsModule):
+    """NFT on given log-probs; options as in ``nft_loss``."""
+
+    def forward(self, logprobs, old_logprobs, rewards, correct_rate, mask=None):
+        return nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask, **self.options)
+
+
+class PPOClipLoss(_OptionsModule):
+    """PPO-clip on given log-probs; options as in ``ppo_clip_loss``."""
+
+    def forward(self, logprobs, old_logprobs, advantages, mask=None):
+        return ppo_clip_loss(logprobs, old_logprobs, advantages, mask, **self.options)

@@ -1,0 +1,58 @@
+"""Deterministic backward, part 1: dH, one program per row tile, no atomics.
+
+The program owns its rows of dH, so it can add each vocab tile's dz @ W into them with a
+plain load/add/store in a fixed order: bit-identical results run to run. It recomputes the
+logits (2NHV) and does the dH GEMM (2NHV); backward_dw.py does dW with one more recompute.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import _dot, dlogits_tile, load_row_state, scaled_logits_tile, tile_is_negligible
+
+
+@triton.jit
+def fused_linear_backward_dh_kernel(
+    hidden_ptr, weight_ptr, bias_ptr, target_ptr, rows_ptr,
+    lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr,
+    dh_ptr,
+    n_rows, V, H,
+    stride_hn, stride_hh, stride_wv, stride_wh,
+    inv_temperature, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, row_ok, target, lse, g_logp, g_ent, entropy, active = load_row_state(
+        rows_ptr, target_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, offs_n, n_rows,
+        HAS_ENT_GRAD)
+    if active:
+        for v0 in range(0, V, BLOCK_V):
+            offs_v = v0 + tl.arange(0, BLOCK_V)
+            col_ok = offs_v < V
+            offs_v64 = offs_v.to(tl.int64)
+            x = scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
+                                   stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+                                   HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
+            skip = False
+            if FILTER:
+                skip = tile_is_negligible(x, offs_v, target, lse, g_logp, g_ent, filter_eps)
+            if not skip:
+                dz = dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy,
+                                  inv_temperature, HAS_ENT_GRAD)
+                if not DOT_FP32:
+                    dz = dz.to(hidden_ptr.dtype.element_ty)
+                for h0 in range(0, H, BLOCK_H):
+                    offs_h = h0 + tl.arange(0, BLOCK_H)
+                    h_ok = offs_h < H
+                    offs_h64 = offs_h.to(tl.int64)
+                    w = tl.load(weight_ptr + offs_v64[:, None] * stride_wv
+                                + offs_h64[None, :] * stride_wh,
+                                mask=col_ok[:, None] & h_ok[None, :], other=0.0)
+                    ptrs = dh_ptr + rows[:, None] * H + offs_h64[None, :]
+                    ok = row_ok[:, None] & h_ok[None, :]
+                    acc = tl.load(ptrs, mask=ok, other=0.0)
+                    acc = _dot(dz, w, acc, DOT_FP32, IEEE)
+                    tl.store(ptrs, acc, mask=ok)

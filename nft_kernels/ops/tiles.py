@@ -1,0 +1,100 @@
+"""Tile helpers shared by the forward and backward kernels (Triton device functions).
+
+All offsets that multiply a stride are int64: N*V and V*H pass 2**31 at real sizes.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    # DOT_FP32: upcast the operands first. The Triton interpreter computes bf16 tl.dot wrongly
+    # (see shared/design/kernel.md), so interpreted runs always take this branch.
+    # IEEE: fp32 inputs get full fp32 products, not TF32, so fp32 callers get fp32 accuracy.
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
+                       stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """x = (h W^T + b) / T for one [BLOCK_N, BLOCK_V] tile, fp32; columns >= V are -inf.
+
+    ``rows`` are int64 row indices into ``hidden`` (the compacted list of counted tokens).
+    """
+    col_ok = offs_v < V
+    offs_v64 = offs_v.to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_ok = offs_h < H
+        offs_h64 = offs_h.to(tl.int64)
+        a = tl.load(hidden_ptr + rows[:, None] * stride_hn + offs_h64[None, :] * stride_hh,
+                    mask=row_ok[:, None] & h_ok[None, :], other=0.0)
+        b = tl.load(weight_ptr + offs_v64[None, :] * stride_wv + offs_h64[:, None] * stride_wh,
+                    mask=col_ok[None, :] & h_ok[:, None], other=0.0)
+        acc = _dot(a, b, acc, DOT_FP32, IEEE)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_v64, mask=col_ok, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    x = acc * inv_temperature
+    # Padded columns must be -inf (not 0): exp(0) would leak into the softmax (verl #2656).
+    return tl.where(col_ok[None, :], x, float("-inf"))
+
+
+@triton.jit
+def dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy, inv_temperature,
+                 HAS_ENT_GRAD: tl.constexpr):
+    """dLoss/dz for one tile, from the recomputed scaled logits x.
+
+    d logp / dz = (onehot - p) / T; d entropy / dz = -p (log p + H) / T with log p = x - lse.
+    """
+    log_p = x - lse[:, None]
+    p = tl.exp(log_p)  # -inf columns give 0
+    onehot = offs_v[None, :] == target[:, None]
+    dz = g_logp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    if HAS_ENT_GRAD:
+        safe_log_p = tl.where(p > 0.0, log_p, 0.0)  # avoid 0 * -inf on padded columns
+        dz = dz - g_ent[:, None] * p * (safe_log_p + entropy[:, None])
+    return dz * inv_temperature
+
+
+@triton.jit
+def load_row_state(rows_ptr, target_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, offs_n,
+                   n_rows, HAS_ENT_GRAD: tl.constexpr):
+    """Per-row inputs of the backward tiles: row ids, target, lse, entropy and the two grads.
+
+    Rows past n_rows get g = 0, so their dz is exactly zero and they add nothing.
+    """
+    row_ok = offs_n < n_rows
+    rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0)
+    target = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    g_logp = tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0)
+    if HAS_ENT_GRAD:
+        g_ent = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
+        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        g_ent = tl.zeros_like(g_logp)
+        entropy = tl.zeros_like(g_logp)
+    active = tl.max(tl.abs(g_logp) + tl.abs(g_ent), axis=0) > 0.0
+    return rows, row_ok, target, lse, g_logp, g_ent, entropy, active
+
+
+@triton.jit
+def tile_is_negligible(x, offs_v, target, lse, g_logp, g_ent, filter_eps):
+    """Gradient filtering: the tile may be skipped when |onehot - p| < filter_eps everywhere
+    for rows that carry a gradient (the criterion of Cut Cross-Entropy, made optional)."""
+    p = tl.exp(x - lse[:, None])
+    onehot = tl.where(offs_v[None, :] == target[:, None], 1.0, 0.0)
+    carries = (tl.abs(g_logp) + tl.abs(g_ent)) > 0.0
+    err = tl.where(carries[:, None], tl.abs(onehot - p), 0.0)
+    return tl.max(tl.max(err, axis=1), axis=0) < filter_eps

@@ -1,0 +1,89 @@
+"""Float64 reference: materialized logits, autograd for every gradient.
+
+Used by the tests and the bench as ground truth. It shares no gradient code with the kernels:
+the straight-through max of Eq. 8 is written as ``q + (max(q, eps) - q).detach()`` and autograd
+does the rest, so the hand-derived g of ``heads.py`` / ``ops/heads.py`` is checked against an
+independent derivation. Memory is O(N * V): for tests and bench slices only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def reference_logprobs(hidden, weight, target, *, bias=None, temperature=1.0):
+    """(logp, entropy) per token in float64; differentiable w.r.t. the inputs."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
+    logp = log_probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+def _reduce(loss_t, mask, reduction):
+    if mask is not None:
+        loss_t = torch.where(mask.bool(), loss_t, torch.zeros_like(loss_t))
+    if reduction == "none":
+        return loss_t
+    total = loss_t.sum()
+    if reduction == "mean":
+        count = loss_t.numel() if mask is None else int(mask.bool().sum())
+        return total / max(count, 1)
+    return total
+
+
+def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=None, *,
+                                neg_weight=1.0, normalize=1, clip_negative=1.0,
+                                rate_clamp=(0.02, 0.98), max_log_ratio=10.0, reduction="sum"):
+    logp = logp.double()
+    log_ratio = torch.clamp(logp - old_logprobs.double(), max=max_log_ratio)
+    ratio = torch.exp(log_ratio)
+    r_hat = correct_rate.double().clamp(*rate_clamp)
+    r = rewards.double()
+    q = (1 - r_hat * ratio) / (1 - r_hat)
+    q_st = q + (q.clamp(min=clip_negative) - q).detach()  # max_st: value clipped, gradient not
+    weight = {0: torch.ones_like(r_hat), 1: 1 - r_hat,
+              2: torch.sqrt((1 - r_hat) / r_hat)}[normalize]
+    loss_t = weight * (r * -log_ratio + neg_weight * (1 - r) * -torch.log(q_st))
+    return _reduce(loss_t, mask, reduction)
+
+
+def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, clip_low=0.2,
+                                clip_high=0.2, clip_ratio_c=None, max_log_ratio=10.0,
+                                reduction="sum"):
+    ratio = torch.exp(torch.clamp(logp.double() - old_logprobs.double(), max=max_log_ratio))
+    adv = advantages.double()
+    loss_t = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
+    if clip_ratio_c is not None:
+        loss_t = torch.where(adv < 0, torch.minimum(loss_t, -adv * clip_ratio_c), loss_t)
+    return _reduce(loss_t, mask, reduction)
+
+
+def reference_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None, *,
+                       bias=None, temperature=1.0, **options):
+    logp, _ = reference_logprobs(hidden, weight, target, bias=bias, temperature=temperature)
+    return reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask,
+                                       **options)
+
+
+def reference_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *, bias=None,
+                       temperature=1.0, **options):
+    logp, _ = reference_logprobs(hidden, weight, target, bias=bias, temperature=temperature)
+    return reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask, **options)
+
+
+def reference_with_grads(loss_fn, hidden, weight, *args, bias=None, **kwargs):
+    """Run a reference loss on float64 leaf copies; return (loss, dH, dW, d bias).
+
+    ``reduction`` must be scalar ("sum" or "mean"). Gradients are float64.
+    """
+    h = hidden.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    b = None if bias is None else bias.detach().double().requires_grad_(True)
+    loss = loss_fn(h, w, *args, bias=b, **kwargs)
+    grads = torch.autograd.grad(loss, [t for t in (h, w, b) if t is not None], allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g
+             for t, g in zip([t for t in (h, w, b) if t is not None], grads)]
+    return loss.detach(), grads[0], grads[1], (grads[2] if b is not None else None)

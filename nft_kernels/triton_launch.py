@@ -1,0 +1,121 @@
+"""Launching the Triton kernels: buffers, grids and the tile table.
+
+Imported lazily (``backend.py``) so that ``import nft_kernels`` works without Triton, and so
+that ``TRITON_INTERPRET`` is read when the kernels are first needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .heads import HeadSpec
+from .ops.backward_atomic import fused_linear_backward_atomic_kernel
+from .ops.backward_dh import fused_linear_backward_dh_kernel
+from .ops.backward_dw import fused_linear_backward_dw_kernel
+from .ops.forward import fused_linear_forward_kernel
+from .ops.loss_head import loss_head_kernel
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tile table. GPU values follow the peers' starting points (shared/design/kernel.md) and stay
+# within H100 shared memory at 3 stages; the interpreter uses small tiles (still >= 16 for
+# tl.dot) so that property tests cross many tile boundaries quickly.
+_GPU_FORWARD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+_GPU_BACKWARD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+_INTERPRET_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
+GROUP = 8
+
+
+def _tiles(forward: bool) -> dict:
+    if INTERPRET:
+        return dict(_INTERPRET_TILES)
+    return dict(_GPU_FORWARD if forward else _GPU_BACKWARD)
+
+
+def _precision(dtype: torch.dtype) -> dict:
+    # Interpreted tl.dot is wrong on bf16 operands: always upcast there.
+    return dict(DOT_FP32=INTERPRET or dtype == torch.float32, IEEE=dtype == torch.float32)
+
+
+def _dummy(device):
+    return torch.empty(1, dtype=torch.float32, device=device)
+
+
+def forward(hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpec,
+            inv_temperature: float, compute_entropy: bool):
+    n_total, width = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    out = [torch.zeros(n_total, dtype=torch.float32, device=dev) for _ in range(5)]
+    logp, lse, entropy, loss, g = out
+    n = rows.numel()
+    if n == 0:
+        return tuple(out)
+    dummy = _dummy(dev)
+    tiles = _tiles(forward=True)
+    grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
+    fused_linear_forward_kernel[grid](
+        hidden, weight, bias if bias is not None else dummy, target, rows,
+        old if old is not None else dummy, reward if reward is not None else dummy,
+        rate if rate is not None else dummy,
+        logp, lse, entropy, loss, g,
+        n, vocab, width,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        float(inv_temperature), **spec.kernel_scalars(),
+        HAS_BIAS=bias is not None, COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
+        NORMALIZE=int(spec.normalize), **tiles, **_precision(hidden.dtype),
+    )
+    return tuple(out)
+
+
+def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
+             inv_temperature: float, filter_eps, deterministic: bool):
+    n_total, width = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    dh = torch.zeros((n_total, width), dtype=torch.float32, device=dev)
+    dw = torch.zeros((vocab, width), dtype=torch.float32, device=dev)
+    db = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=dev)
+    n = rows.numel()
+    if n == 0:
+        return dh, dw, db
+    dummy = _dummy(dev)
+    tiles = _tiles(forward=False)
+    common = dict(
+        HAS_BIAS=bias is not None, HAS_ENT_GRAD=g_ent is not None,
+        FILTER=filter_eps is not None, **tiles, **_precision(hidden.dtype),
+    )
+    row_args = (hidden, weight, bias if bias is not None else dummy, target, rows, lse,
+                entropy, g_logp, g_ent if g_ent is not None else dummy)
+    sizes = (n, vocab, width, hidden.stride(0), hidden.stride(1), weight.stride(0),
+             weight.stride(1), float(inv_temperature),
+             float(filter_eps) if filter_eps is not None else 0.0)
+    num_n = triton.cdiv(n, tiles["BLOCK_N"])
+    num_v = triton.cdiv(vocab, tiles["BLOCK_V"])
+    if deterministic:
+        fused_linear_backward_dh_kernel[(num_n,)](*row_args, dh, *sizes, **common)
+        fused_linear_backward_dw_kernel[(num_v,)](
+            *row_args, dw, db if db is not None else dummy, *sizes, **common)
+    else:
+        fused_linear_backward_atomic_kernel[(num_n * num_v,)](
+            *row_args, dh, dw, db if db is not None else dummy, *sizes, GROUP=GROUP, **common)
+    return dh, dw, db
+
+
+def head_forward(logp, old, reward, rate, mask, spec: HeadSpec):
+    n = logp.numel()
+    loss = torch.empty(n, dtype=torch.float32, device=logp.device)
+    g = torch.empty_like(loss)
+    if n == 0:
+        return loss, g
+    dummy = _dummy(logp.device)
+    block = 1024
+    loss_head_kernel[(triton.cdiv(n, block),)](
+        logp, old, reward, rate if rate is not None else dummy,
+        mask if mask is not None else dummy, loss, g, n, **spec.kernel_scalars(),
+        HEAD=spec.code, NORMALIZE=int(spec.normalize), HAS_MASK=mask is not None, BLOCK=block,
+    )
+    return loss, g

@@ -1,0 +1,140 @@
+"""Input validation: every bad argument fails here with its name, never inside a kernel.
+
+Shape, dtype and device checks are cheap and always run. Value checks (ranges, finiteness,
+target ids) read the data and synchronize with the GPU; ``validate=False`` skips them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REDUCTIONS = ("none", "sum", "mean")
+
+
+def _require_tensor(name, value):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def check_float_tensor(name, value, device, shape=None):
+    _require_tensor(name, value)
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+
+
+def check_scalar(name, value, *, low=None, high=None, low_open=False, integer_choices=None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if integer_choices is not None:
+        if value not in integer_choices:
+            raise ValueError(f"{name} must be one of {integer_choices}, got {value!r}")
+        return
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_rate_clamp(rate_clamp):
+    try:
+        lo, hi = (float(v) for v in rate_clamp)
+    except (TypeError, ValueError):
+        raise TypeError(f"rate_clamp must be a pair (low, high), got {rate_clamp!r}") from None
+    if not (0.0 < lo <= hi < 1.0):
+        raise ValueError(f"rate_clamp must satisfy 0 < low <= high < 1, got {rate_clamp!r}")
+    return lo, hi
+
+
+def check_filter_eps(filter_eps):
+    if filter_eps is not None:
+        check_scalar("filter_eps", filter_eps, low=0.0)
+
+
+def flatten_tokens(name, value, lead_shape, device, *, kind="float"):
+    """Per-token tensor of shape ``lead_shape`` -> [N]."""
+    _require_tensor(name, value)
+    if tuple(value.shape) != tuple(lead_shape):
+        raise ValueError(f"{name} must have shape {tuple(lead_shape)} (one value per token), "
+                         f"got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {device}")
+    if kind == "float" and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if kind == "index" and value.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got dtype {value.dtype}")
+    if kind == "mask" and (value.is_floating_point() or value.is_complex()):
+        raise TypeError(f"{name} must be a bool (or integer) tensor, got dtype {value.dtype}")
+    return value.reshape(-1)
+
+
+def check_finite(name, value, where=None):
+    bad = ~torch.isfinite(value)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains NaN or Inf values "
+                         f"({int(bad.sum())} of {value.numel()})")
+
+
+def check_no_nan(name, value, where=None):
+    bad = torch.isnan(value)
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains NaN values ({int(bad.sum())} of {value.numel()})")
+
+
+def check_unit_interval(name, value, where=None):
+    bad = ~((value >= 0) & (value <= 1))  # NaN fails too
+    if where is not None:
+        bad = bad & where
+    if bool(bad.any()):
+        first = value[bad][0].item()
+        raise ValueError(f"{name} must lie in [0, 1] on counted tokens; found {first!r} "
+                         f"({int(bad.sum())} values outside)")
+
+
+def check_targets(target, vocab, where):
+    bad = ((target < 0) | (target >= vocab)) & where
+    if bool(bad.any()):
+        first = target[bad][0].item()
+        raise ValueError(f"target must lie in [0, {vocab}) on counted tokens; found {first} "
+                         f"({int(bad.sum())} ids outside)")
+
+
+def check_linear_inputs(hidden, weight, bias):
+    """hidden [..., H], weight [V, H] of the same float dtype and device; bias [V]."""
+    _require_tensor("hidden", hidden)
+    _require_tensor("weight", weight)
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden has H={hidden.shape[-1]} but weight has shape "
+                         f"{tuple(weight.shape)} (expected [V, {hidden.shape[-1]}])")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one row (V >= 1)")
+    if bias is not None:
+        check_float_tensor("bias", bias, hidden.device, shape=(weight.shape[0],))
