@@ -1,0 +1,65 @@
+"""Shared test helpers: random problems and dtype-justified tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+from nft_kernels.reference import reference_logprobs
+
+# Gradient tolerance, as a fraction of the reference gradient's largest magnitude.
+# fp32: fp32 accumulation over H and V (~1e-6) amplified by at most 1/eps of the negative
+#       branch (eps >= 0.1 in the tests) -> 1e-4.
+# fp16 / bf16: on the GPU dz is rounded to the input dtype before the two gradient GEMMs
+#       (unit roundoff 2^-11 / 2^-8) and the result is rounded once more to the input dtype;
+#       a few roundoffs -> 4e-3 / 2e-2. (The interpreter upcasts to fp32, so CPU runs are tighter.)
+GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# Loss and log-probs are accumulated in fp32 from exact products whatever the input dtype.
+LOSS_RTOL = 1e-4
+
+
+def assert_close_scaled(actual, expected, rtol, what):
+    actual = actual.double().cpu()
+    expected = expected.double().cpu()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rtol * max(scale, 1e-6), f"{what}: max error {err:.3e} vs scale {scale:.3e}"
+
+
+def make_problem(n, h, v, dtype, device, *, seed, bias=False, temperature=1.0,
+                 reward_kind="binary", mask_kind="random", log_ratio_range=(-2.0, 2.0),
+                 rate_range=(0.0, 1.0), logit_scale=1.0):
+    """A random fused-loss problem whose old log-probs sit a chosen log-ratio away."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) * (logit_scale / max(h, 1) ** 0.5)
+    b = torch.randn(v, generator=gen) * 0.5 if bias else None
+    target = torch.randint(0, v, (n,), generator=gen)
+    if reward_kind == "binary":
+        rewards = (torch.rand(n, generator=gen) < 0.5).float()
+    elif reward_kind == "positive":
+        rewards = torch.ones(n)
+    elif reward_kind == "negative":
+        rewards = torch.zeros(n)
+    else:
+        rewards = torch.rand(n, generator=gen)
+    lo, hi = rate_range
+    rate = lo + (hi - lo) * torch.rand(n, generator=gen)
+    if mask_kind == "all":
+        mask = None
+    elif mask_kind == "none":
+        mask = torch.zeros(n, dtype=torch.bool)
+    else:
+        mask = torch.rand(n, generator=gen) < 0.75
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    b = None if b is None else b.to(dtype)
+    logp, _ = reference_logprobs(hidden, weight, target, bias=b, temperature=temperature)
+    a, z = log_ratio_range
+    old = (logp - (a + (z - a) * torch.rand(n, generator=gen, dtype=torch.float64))).float()
+    to = dict(device=device)
+    return dict(
+        hidden=hidden.to(**to).requires_grad_(True), weight=weight.to(**to).requires_grad_(True),
+        bias=None if b is None else b.to(**to).requires_grad_(True), target=target.to(**to),
+        old=old.to(**to), rewards=rewards.to(**to), rate=rate.to(**to),
+        mask=None if mask is None else mask.to(**to),
+    )
