@@ -11,8 +11,8 @@ import torch
 
 from .heads import HeadSpec, head_loss_and_grad
 
-# Elements of one fp32 [n, chunk] logits block (16 MiB).
-CHUNK_ELEMENTS = 1 << 22
+# Elements of one fp32 [n, chunk] logits block (4 MiB).
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _vocab_chunk(n_rows: int, vocab: int) -> int:

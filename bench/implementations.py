@@ -1,0 +1,166 @@
+"""The implementations the bench compares, on identical inputs.
+
+Each entry builds a closure that runs forward + backward once and returns
+(loss, d hidden, d weight). ``available()`` says why a peer cannot run here; the bench reports
+that reason instead of dropping the row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from nft_kernels import fused_linear_nft_loss, fused_linear_ppo_loss, nft_loss
+
+# Cut Cross-Entropy's default filter for bf16 (eps / 32), used for our filtered mode too.
+FILTER_EPS = 2.0**-7 / 32
+DAPO_CLIP = dict(clip_low=0.2, clip_high=0.28)
+
+
+@dataclass
+class Impl:
+    name: str
+    loss: str  # "nft" or "ppo": which float64 reference it is checked against
+    build: Callable  # inputs -> closure
+    available: Callable[[torch.device], str | None] = lambda device: None  # None = runs
+
+
+def _leaves(inputs):
+    h = inputs["hidden"].detach().clone().requires_grad_(True)
+    w = inputs["weight"].detach().clone().requires_grad_(True)
+    return h, w
+
+
+def _nft_options():
+    return dict(normalize=1, clip_negative=1.0, neg_weight=1.0)
+
+
+def _ours(filter_eps):
+    def build(inputs):
+        h, w = _leaves(inputs)
+
+        def run():
+            h.grad = w.grad = None
+            loss = fused_linear_nft_loss(h, w, inputs["target"], inputs["old"], inputs["rewards"],
+                                         inputs["rate"], inputs["mask"], filter_eps=filter_eps,
+                                         validate=False, **_nft_options())
+            loss.backward()
+            return loss, h.grad, w.grad
+        return run
+    return build
+
+
+def _naive_logprobs(h, w, target):
+    logits = (h @ w.T).float()
+    return torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
+
+
+def _naive(inputs):
+    h, w = _leaves(inputs)
+
+    def run():
+        h.grad = w.grad = None
+        logp = _naive_logprobs(h, w, inputs["target"])
+        loss = nft_loss(logp, inputs["old"], inputs["rewards"], inputs["rate"], inputs["mask"],
+                        impl="torch", validate=False, **_nft_options())
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
+
+
+_compiled_chunk = None
+
+
+def _compiled_chunked(inputs, chunk_rows=1024):
+    global _compiled_chunk
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(_naive_logprobs, dynamic=False)
+    h, w = _leaves(inputs)
+    from torch.utils.checkpoint import checkpoint
+
+    def run():
+        h.grad = w.grad = None
+        parts = [checkpoint(_compiled_chunk, h[i:i + chunk_rows], w,
+                            inputs["target"][i:i + chunk_rows], use_reentrant=False)
+                 for i in range(0, h.shape[0], chunk_rows)]
+        loss = nft_loss(torch.cat(parts), inputs["old"], inputs["rewards"], inputs["rate"],
+                        inputs["mask"], impl="torch", validate=False, **_nft_options())
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
+
+
+def _cce_available(device):
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return "cut-cross-entropy is not installed (pip install cut-cross-entropy)"
+    return None
+
+
+def _cce(inputs):
+    from cut_cross_entropy import linear_cross_entropy
+
+    h, w = _leaves(inputs)
+    impl = "cce" if h.is_cuda else "torch_compile"  # CCE's Triton impl needs a GPU
+
+    def run():
+        h.grad = w.grad = None
+        logp = -linear_cross_entropy(h, w, inputs["target"], reduction="none", impl=impl)
+        loss = nft_loss(logp, inputs["old"], inputs["rewards"], inputs["rate"], inputs["mask"],
+                        validate=False, **_nft_options())
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
+
+
+def _liger_available(device):
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return None
+
+
+def _liger_grpo(inputs):
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    h, w = _leaves(inputs)
+    b, t = inputs["batch_shape"]
+    module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
+                                      epsilon_low=DAPO_CLIP["clip_low"],
+                                      epsilon_high=DAPO_CLIP["clip_high"],
+                                      compiled=h.is_cuda)
+
+    def run():
+        h.grad = w.grad = None
+        out = module(h.view(b, t, -1), w, inputs["target"].view(b, t),
+                     inputs["mask"].view(b, t).long(), inputs["seq_advantages"],
+                     old_per_token_logps=inputs["old"].view(b, t))
+        loss = out[0] if isinstance(out, tuple) else out
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
+
+
+def _ours_ppo(inputs):
+    h, w = _leaves(inputs)
+
+    def run():
+        h.grad = w.grad = None
+        loss = fused_linear_ppo_loss(h, w, inputs["target"], inputs["old"],
+                                     inputs["advantages"], inputs["mask"], reduction="mean",
+                                     validate=False, **DAPO_CLIP)
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
+
+
+IMPLEMENTATIONS = [
+    Impl("nft_kernels exact", "nft", _ours(None)),
+    Impl("nft_kernels filtered", "nft", _ours(FILTER_EPS)),
+    Impl("torch naive", "nft", _naive),
+    Impl("torch.compile chunked", "nft", _compiled_chunked),
+    Impl("CCE + NFT", "nft", _cce, _cce_available),
+    Impl("Liger GRPO (DAPO loss)", "ppo", _liger_grpo, _liger_available),
+    Impl("nft_kernels PPO (DAPO loss)", "ppo", _ours_ppo),
+]

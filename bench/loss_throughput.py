@@ -1,0 +1,360 @@
+"""Speed, memory and accuracy of the fused NFT loss next to its peers, in one run.
+
+    python bench/loss_throughput.py            # full table (meant for a GPU)
+    python bench/loss_throughput.py --quick    # small shapes on CPU, under two minutes
+    python bench/loss_throughput.py --out DIR  # results.json, results.md and PNG plots in DIR
+
+Every implementation gets identical inputs (NFT with binary rewards, prompts of 8 answers,
+10% padding). Per implementation and shape it records the median forward+backward time
+(CUDA events on a GPU; several repeats after warm-up, two input sets alternated), tokens/s,
+peak memory over the inputs, TFLOP/s counting the 6NHV useful FLOPs and as a fraction of a
+plain GEMM of the same size timed in the same run, and the relative error of loss, dH and dW
+against the float64 reference on a slice of the rows. A peer that is missing or cannot run is
+reported as skipped with the reason; one that runs out of memory as OOM.
+
+Peak memory comes from torch.cuda statistics on a GPU and from the process's resettable
+resident high-water mark (Linux VmHWM) on CPU, where it also counts allocator slack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from implementations import IMPLEMENTATIONS  # noqa: E402
+
+from nft_kernels import fused_linear_logprobs  # noqa: E402
+from nft_kernels.backend import resolve  # noqa: E402
+from nft_kernels.reference import (  # noqa: E402
+    reference_nft_loss,
+    reference_ppo_loss,
+    reference_with_grads,
+)
+
+HEADS = {  # name: (H, V)
+    "Qwen2.5-Math-1.5B": (1536, 151936),
+    "Qwen2.5-7B": (3584, 152064),
+    "Qwen2.5-32B": (5120, 152064),
+    "Llama-3-8B": (4096, 128256),
+}
+FULL_TOKENS = (4096, 16384, 65536)
+QUICK_HEADS = {"tiny-head": (128, 16384)}
+QUICK_TOKENS = (1024, 2048)
+ANSWERS_PER_PROMPT = 8
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def make_inputs(n, h, v, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    seq_len = min(max(n // 32, 16), 1024, n)  # >= 4 prompts of 8 answers where n allows
+    batch = max(n // seq_len, 1)
+    n = batch * seq_len
+    hidden = torch.randn(n, h, generator=gen).to(device, dtype)
+    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(device, dtype)
+    target = torch.randint(0, v, (n,), generator=gen).to(device)
+    seq_reward = (torch.rand(batch, generator=gen) < 0.5).float()
+    groups = seq_reward.view(-1, min(ANSWERS_PER_PROMPT, batch))
+    seq_rate = groups.mean(1, keepdim=True).expand_as(groups).reshape(-1)
+    mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    mask[:, int(seq_len * 0.9):] = False  # padding
+    with torch.no_grad():
+        logp = fused_linear_logprobs(hidden, weight, target, validate=False)
+    old = logp + 0.1 * torch.randn(n, generator=gen).to(device)
+    per_token = lambda x: x.repeat_interleave(seq_len).to(device)  # noqa: E731
+    return dict(hidden=hidden, weight=weight, target=target, old=old,
+                rewards=per_token(seq_reward), rate=per_token(seq_rate),
+                mask=mask.reshape(-1).to(device), advantages=per_token(seq_reward - seq_rate),
+                seq_advantages=(seq_reward - seq_rate).to(device),
+                batch_shape=(batch, seq_len))
+
+
+def slice_inputs(inputs, rows):
+    seq_len = inputs["batch_shape"][1]
+    rows = max(seq_len, rows - rows % seq_len) if rows >= seq_len else rows
+    sliced = {k: v[:rows] if isinstance(v, torch.Tensor) and v.shape[0] == inputs["target"].shape[0]
+              else v for k, v in inputs.items()}
+    if rows < seq_len:
+        sliced["batch_shape"] = (1, rows)
+        sliced["seq_advantages"] = inputs["seq_advantages"][:1]
+    else:
+        sliced["batch_shape"] = (rows // seq_len, seq_len)
+        sliced["seq_advantages"] = inputs["seq_advantages"][:rows // seq_len]
+    return sliced
+
+
+def relative_error(actual, expected):
+    actual, expected = actual.double(), expected.double().to(actual.device)
+    return ((actual - expected).norm() / expected.norm().clamp(min=1e-30)).item()
+
+
+def reference_on_slice(inputs, loss_kind):
+    common = (inputs["hidden"], inputs["weight"], inputs["target"], inputs["old"])
+    if loss_kind == "nft":
+        return reference_with_grads(reference_nft_loss, *common, inputs["rewards"],
+                                    inputs["rate"], inputs["mask"])
+    return reference_with_grads(reference_ppo_loss, *common, inputs["advantages"],
+                                inputs["mask"], clip_low=0.2, clip_high=0.28, reduction="mean")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn, device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def gemm_ms(n, h, v, dtype, device, repeats):
+    a = torch.randn(n, h, device=device, dtype=dtype)
+    b = torch.randn(v, h, device=device, dtype=dtype)
+    fn = lambda: a @ b.T  # noqa: E731
+    fn()
+    _sync(device)
+    return statistics.median(_time_ms(fn, device) for _ in range(repeats))
+
+
+class CpuPeakMemory:
+    """Peak resident memory of this process on Linux, resettable: freed heap goes back to the
+    OS (malloc_trim), then writing 5 to /proc/self/clear_refs resets the VmHWM high-water mark."""
+
+    def __init__(self):
+        import ctypes
+        import gc
+
+        self._gc = gc
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except OSError:
+            self._trim = None
+
+    @staticmethod
+    def _status_kib(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+        raise OSError(f"{field} not in /proc/self/status")
+
+    def reset(self):
+        self._gc.collect()
+        if self._trim is not None:
+            self._trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        self._base = self._status_kib("VmRSS")
+
+    def peak_extra_mib(self):
+        return (self._status_kib("VmHWM") - self._base) / 1024.0
+
+
+def measure(job):
+    """One implementation on one shape: the record for results.json."""
+    impl = next(i for i in IMPLEMENTATIONS if i.name == job["impl"])
+    device = torch.device(job["device"])
+    n, h, v, dtype = job["N"], job["H"], job["V"], DTYPES[job["dtype"]]
+    record = dict(impl=impl.name, shape=job["shape"], N=n, H=h, V=v, dtype=job["dtype"],
+                  device=job["device_name"])
+    reason = impl.available(device)
+    if reason:
+        return {**record, "status": "skipped", "reason": reason}
+    if impl.name == "torch.compile chunked" and job.get("quick"):
+        return {**record, "status": "skipped",
+                "reason": "--quick leaves out torch.compile (its compile time alone is minutes)"}
+    record["backend"] = resolve("auto", device).__name__.rsplit(".", 1)[-1]
+    try:
+        input_sets = [make_inputs(n, h, v, dtype, device, seed) for seed in (0, 1)]
+        runs = [impl.build(inputs) for inputs in input_sets]
+        elem = torch.tensor([], dtype=dtype).element_size()
+        record["gradient_buffers_mib"] = (n * h + v * h) * elem / 2**20
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            runs[0]()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            meter = CpuPeakMemory()
+            meter.reset()
+            runs[0]()
+            peak = meter.peak_extra_mib()
+        record["peak_extra_mib"] = peak
+        record["peak_over_gradient_buffers"] = peak / record["gradient_buffers_mib"]
+        for k in range(job["warmup"]):
+            runs[k % 2]()
+        times = [_time_ms(runs[k % 2], device) for k in range(job["repeats"])]
+        del runs
+        ms = statistics.median(times)
+        record.update(status="ok", time_ms=ms, times_ms=times, tokens_per_s=n / ms * 1e3,
+                      tflops_6nhv=6 * n * h * v / ms / 1e9)
+        gemm = job.get("gemm_ms")
+        if gemm:
+            gemm_tflops = 2 * n * h * v / gemm / 1e9
+            record.update(gemm_ms=gemm, gemm_tflops=gemm_tflops,
+                          fraction_of_gemm_6nhv=record["tflops_6nhv"] / gemm_tflops,
+                          fraction_of_gemm_8nhv=8 * n * h * v / ms / 1e9 / gemm_tflops)
+        sliced = slice_inputs(input_sets[0], job["slice_rows"])
+        del input_sets
+        loss, dh, dw = impl.build(sliced)()
+        ref_loss, ref_dh, ref_dw, _ = reference_on_slice(sliced, impl.loss)
+        record.update(slice_rows=sliced["target"].shape[0],
+                      rel_err_loss=abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()),
+                                                                            1e-30),
+                      rel_err_dh=relative_error(dh, ref_dh), rel_err_dw=relative_error(dw, ref_dw))
+    except torch.cuda.OutOfMemoryError as exc:
+        return {**record, "status": "OOM", "reason": str(exc).splitlines()[0]}
+    except Exception as exc:  # a peer that breaks is reported, not fatal
+        return {**record, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "liger-kernel", "cut-cross-entropy", "numpy", "nft-kernels"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def write_markdown(records, path, meta):
+    cols = ["shape", "N", "dtype", "impl", "status", "ms", "tokens/s", "peak MiB",
+            "x grad bufs", "TFLOP/s (6NHV)", "% GEMM (8NHV)", "err loss", "err dH", "err dW"]
+    lines = [f"Device: {meta['device']} | {meta['date']} | torch {meta['versions']['torch']} | "
+             f"triton {meta['versions']['triton']}", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def f(x, spec):
+        return "" if x is None else format(x, spec)
+
+    for r in records:
+        if r.get("status") != "ok":
+            row = [r["shape"], r["N"], r["dtype"], r["impl"], r.get("status"),
+                   r.get("reason", "")] + [""] * 8
+        else:
+            row = [r["shape"], r["N"], r["dtype"], r["impl"], "ok", f(r["time_ms"], ".1f"),
+                   f(r["tokens_per_s"], ".3g"), f(r["peak_extra_mib"], ".0f"),
+                   f(r["peak_over_gradient_buffers"], ".2f"), f(r["tflops_6nhv"], ".3g"),
+                   f(100 * r["fraction_of_gemm_8nhv"], ".0f") if "fraction_of_gemm_8nhv" in r
+                   else "", f(r["rel_err_loss"], ".1e"), f(r["rel_err_dh"], ".1e"),
+                   f(r["rel_err_dw"], ".1e")]
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_plots(records, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for shape in sorted({r["shape"] for r in records}):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for impl in dict.fromkeys(r["impl"] for r in records):
+            rows = sorted((r for r in records if r["shape"] == shape and r["impl"] == impl
+                           and r.get("status") == "ok"), key=lambda r: r["N"])
+            if rows:
+                axes[0].plot([r["N"] for r in rows], [r["time_ms"] for r in rows], "o-",
+                             label=impl)
+                axes[1].plot([r["N"] for r in rows], [r["peak_extra_mib"] for r in rows], "o-",
+                             label=impl)
+        for ax, label in zip(axes, ("forward+backward ms", "peak extra MiB")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("tokens N")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(shape)
+        fig.tight_layout()
+        path = out / f"{shape.replace('.', '_')}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path.name)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small CPU-sized shapes")
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts N")
+    parser.add_argument("--heads", nargs="*", help=f"subset of {list(HEADS)}")
+    parser.add_argument("--impls", nargs="*", help="substrings selecting implementations")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = device_name(device)
+    today = dt.date.today().isoformat()
+    heads = QUICK_HEADS if args.quick else {k: HEADS[k] for k in (args.heads or HEADS)}
+    tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS))
+    repeats = args.repeats or (3 if args.quick or device.type == "cpu" else 10)
+    plan = [(shape, h, v, n, "bf16" if device.type == "cuda" else "fp32")
+            for shape, (h, v) in heads.items() for n in tokens]
+    if device.type == "cuda" and not args.quick:
+        h, v = heads[next(iter(heads))]
+        plan.append((next(iter(heads)), h, v, tokens[min(1, len(tokens) - 1)], "fp32"))
+    impls = [i for i in IMPLEMENTATIONS
+             if not args.impls or any(s.lower() in i.name.lower() for s in args.impls)]
+    out = args.out or Path(__file__).parent / "results" / f"{name.replace(' ', '_')}-{today}"
+    out.mkdir(parents=True, exist_ok=True)
+
+    records = []
+    for shape, h, v, n, dtype in plan:
+        gemm = gemm_ms(n, h, v, DTYPES[dtype], device, repeats)
+        for impl in impls:
+            job = dict(impl=impl.name, shape=shape, H=h, V=v, N=n, dtype=dtype,
+                       device=device.type, device_name=name, repeats=repeats,
+                       warmup=1 if device.type == "cpu" else 3, gemm_ms=gemm,
+                       slice_rows=64 if device.type == "cpu" else 512, quick=args.quick)
+            record = measure(job)
+            records.append(record)
+            summary = (f"{record['time_ms']:.1f} ms, {record['peak_extra_mib']:.0f} MiB"
+                       if record.get("status") == "ok" else
+                       f"{record.get('status')}: {record.get('reason', '')}")
+            print(f"[{shape} N={n} {dtype}] {impl.name}: {summary}", flush=True)
+
+    meta = dict(device=name, date=today, machine=platform.machine(), platform=platform.platform(),
+                cpu_count=os.cpu_count(), versions=versions(), quick=args.quick,
+                command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    write_markdown(records, out / "results.md", meta)
+    plots = write_plots(records, out)
+    print(f"wrote {out / 'results.json'}, results.md and {len(plots)} plot(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
