@@ -114,3 +114,13 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="impl='triton' cannot run here"):
         backend.resolve("triton", torch.device("cpu"))
     assert backend.resolve("auto", torch.device("cpu")).__name__.endswith("chunked_torch")
+
+
+def test_device_mismatch_is_named(problem):
+    p = problem
+    with pytest.raises(ValueError, match="weight is on meta"):
+        fused_linear_nft_loss(p["hidden"], p["weight"].detach().to("meta"), p["target"],
+                              p["old"], p["rewards"], p["rate"])
+    with pytest.raises(ValueError, match="rewards is on meta"):
+        fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
+                              p["rewards"].to("meta"), p["rate"])

@@ -15,10 +15,11 @@ Equation numbers refer to arXiv 2505.18116 (NFT).
 import triton
 import triton.language as tl
 
-# Compile-time head selector shared by the kernels.
-HEAD_NONE = 0  # log-probs (and entropy) only
-HEAD_NFT = 1  # NFT / RFT (Eq. 8; RFT is neg_weight = 0)
-HEAD_PPO = 2  # PPO-clip: GRPO, Dr. GRPO, DAPO (clip-higher)
+# Compile-time head selector shared by the kernels (the order of heads.HEAD_KINDS). Kernels may
+# only read globals that are tl.constexpr instances.
+HEAD_NONE = tl.constexpr(0)  # log-probs (and entropy) only
+HEAD_NFT = tl.constexpr(1)  # NFT / RFT (Eq. 8; RFT is neg_weight = 0)
+HEAD_PPO = tl.constexpr(2)  # PPO-clip: GRPO, Dr. GRPO, DAPO (clip-higher)
 
 
 @triton.jit
