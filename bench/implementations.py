@@ -58,17 +58,22 @@ def _naive_logprobs(h, w, target):
     return torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).squeeze(1)
 
 
-def _naive(inputs):
+def _nft_on_logprobs(inputs, logprobs_fn, impl="auto"):
+    """Closure: log-probs from ``logprobs_fn(h, w, target)``, then our NFT head on them."""
     h, w = _leaves(inputs)
 
     def run():
         h.grad = w.grad = None
-        logp = _naive_logprobs(h, w, inputs["target"])
+        logp = logprobs_fn(h, w, inputs["target"])
         loss = nft_loss(logp, inputs["old"], inputs["rewards"], inputs["rate"], inputs["mask"],
-                        impl="torch", validate=False, **_nft_options())
+                        impl=impl, validate=False, **_nft_options())
         loss.backward()
         return loss, h.grad, w.grad
     return run
+
+
+def _naive(inputs):
+    return _nft_on_logprobs(inputs, _naive_logprobs, impl="torch")
 
 
 _compiled_chunk = None
@@ -78,19 +83,13 @@ def _compiled_chunked(inputs, chunk_rows=1024):
     global _compiled_chunk
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(_naive_logprobs, dynamic=False)
-    h, w = _leaves(inputs)
     from torch.utils.checkpoint import checkpoint
 
-    def run():
-        h.grad = w.grad = None
-        parts = [checkpoint(_compiled_chunk, h[i:i + chunk_rows], w,
-                            inputs["target"][i:i + chunk_rows], use_reentrant=False)
-                 for i in range(0, h.shape[0], chunk_rows)]
-        loss = nft_loss(torch.cat(parts), inputs["old"], inputs["rewards"], inputs["rate"],
-                        inputs["mask"], impl="torch", validate=False, **_nft_options())
-        loss.backward()
-        return loss, h.grad, w.grad
-    return run
+    def chunked(h, w, target):  # checkpointed: each chunk's logits are recomputed in backward
+        return torch.cat([checkpoint(_compiled_chunk, h[i:i + chunk_rows], w,
+                                     target[i:i + chunk_rows], use_reentrant=False)
+                          for i in range(0, h.shape[0], chunk_rows)])
+    return _nft_on_logprobs(inputs, chunked, impl="torch")
 
 
 def _cce_available(device):
@@ -102,17 +101,9 @@ def _cce_available(device):
 def _cce(inputs):
     from cut_cross_entropy import linear_cross_entropy
 
-    h, w = _leaves(inputs)
-    impl = "cce" if h.is_cuda else "torch_compile"  # CCE's Triton impl needs a GPU
-
-    def run():
-        h.grad = w.grad = None
-        logp = -linear_cross_entropy(h, w, inputs["target"], reduction="none", impl=impl)
-        loss = nft_loss(logp, inputs["old"], inputs["rewards"], inputs["rate"], inputs["mask"],
-                        validate=False, **_nft_options())
-        loss.backward()
-        return loss, h.grad, w.grad
-    return run
+    impl = "cce" if inputs["hidden"].is_cuda else "torch_compile"  # its Triton impl needs a GPU
+    return _nft_on_logprobs(inputs, lambda h, w, target: -linear_cross_entropy(
+        h, w, target, reduction="none", impl=impl))
 
 
 def _liger_available(device):

@@ -192,12 +192,16 @@ def measure(job):
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            meter = CpuPeakMemory()
-            meter.reset()
+            try:
+                meter = CpuPeakMemory()
+                meter.reset()
+            except OSError:  # no resettable high-water mark (not Linux): memory not measured
+                meter = None
             runs[0]()
-            peak = meter.peak_extra_mib()
+            peak = meter.peak_extra_mib() if meter else None
         record["peak_extra_mib"] = peak
-        record["peak_over_gradient_buffers"] = peak / record["gradient_buffers_mib"]
+        record["peak_over_gradient_buffers"] = (None if peak is None else
+                                                peak / record["gradient_buffers_mib"])
         for k in range(job["warmup"]):
             runs[k % 2]()
         times = [_time_ms(runs[k % 2], device) for k in range(job["repeats"])]
@@ -284,7 +288,8 @@ def write_plots(records, out):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for impl in dict.fromkeys(r["impl"] for r in records):
             rows = sorted((r for r in records if r["shape"] == shape and r["impl"] == impl
-                           and r.get("status") == "ok"), key=lambda r: r["N"])
+                           and r.get("status") == "ok" and r.get("peak_extra_mib") is not None),
+                          key=lambda r: r["N"])
             if rows:
                 axes[0].plot([r["N"] for r in rows], [r["time_ms"] for r in rows], "o-",
                              label=impl)
@@ -341,7 +346,7 @@ def main(argv=None):
                        slice_rows=64 if device.type == "cpu" else 512, quick=args.quick)
             record = measure(job)
             records.append(record)
-            summary = (f"{record['time_ms']:.1f} ms, {record['peak_extra_mib']:.0f} MiB"
+            summary = (f"{record['time_ms']:.1f} ms, {record['peak_extra_mib'] or 0:.0f} MiB"
                        if record.get("status") == "ok" else
                        f"{record.get('status')}: {record.get('reason', '')}")
             print(f"[{shape} N={n} {dtype}] {impl.name}: {summary}", flush=True)
