@@ -80,13 +80,16 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     dw = torch.zeros((vocab, width), dtype=torch.float32, device=weight.device)
     db = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=bias.device)
+    if rows.numel() == 0:
+        return dh, dw, db
     g = g_logp.index_select(0, rows)
     ge = None if g_ent is None else g_ent.index_select(0, rows)
     carries = g != 0 if ge is None else (g != 0) | (ge != 0)
-    rows = rows[carries]  # rows with zero gradient contribute nothing: skip them entirely
-    if rows.numel() == 0:
+    if not bool(carries.any()):
         return dh, dw, db
-    g, ge = g[carries], None if ge is None else ge[carries]
+    # Recompute with exactly the rows and chunks of the forward: a BLAS call on another shape
+    # can round x differently, and onehot - exp(x - lse) cancels when p -> 1, so a one-ulp
+    # difference times a large g would be a visible gradient error.
     h32 = hidden.index_select(0, rows).float()
     tgt = target.index_select(0, rows).long()
     row_lse = lse.index_select(0, rows)
@@ -101,7 +104,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
         onehot = torch.zeros_like(p)
         here = (tgt >= v0) & (tgt < v1)
         onehot[here, tgt[here] - v0] = 1.0
-        if filter_eps is not None and (onehot - p).abs().max() < filter_eps:
+        if filter_eps is not None and (onehot - p)[carries].abs().max() < filter_eps:
             continue
         dz = g[:, None] * (onehot - p)  # d logp / dz = (onehot - p) / T
         if ge is not None:

@@ -131,3 +131,14 @@ def test_return_stats_gives_logprobs_and_entropy(impl, device):
     torch.testing.assert_close(stats["logprobs"], logp.detach())
     torch.testing.assert_close(stats["entropy"], entropy.detach())
     assert not stats["logprobs"].requires_grad and loss.requires_grad
+
+
+def test_single_token_vocabulary_has_exactly_zero_gradient(impl, device):
+    """V = 1: logp = 0 whatever the weights, so every gradient is 0 even where g is huge
+    (log-ratios near the clamp). Regression: the torch path once recomputed the logits with a
+    different row set, and 1 - exp(x - lse) was a few ulps off, times g ~ 1e4."""
+    p = make_problem(5, 7, 1, torch.float32, device, seed=0, log_ratio_range=(8.0, 12.0),
+                     mask_kind="random")
+    loss = fused_linear_nft_loss(*_args(p), p["mask"], impl=impl, normalize=0)
+    loss.backward()
+    assert (p["hidden"].grad == 0).all() and (p["weight"].grad == 0).all()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from helpers import GRAD_RTOL, LOSS_RTOL, assert_close_scaled, make_problem
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss, fused_linear_ppo_loss
@@ -31,6 +31,11 @@ def _grads(p):
 
 def _check_against_reference(p, loss, ref, dtype, loss_scale):
     ref_loss, ref_dh, ref_dw, ref_db = ref
+    # A true gradient beyond the input dtype's range (fp16: 65504; reachable with R near e^10,
+    # r_hat near 0.98 and normalize=0) cannot be returned in that dtype: it overflows to inf as
+    # in any fp16 autograd op. Such draws are outside what can be checked.
+    biggest = max(t.abs().max().item() for t in (ref_dh, ref_dw) if t.numel())
+    assume(biggest < 0.5 * torch.finfo(dtype).max)
     assert torch.isfinite(loss).all()
     assert abs(loss.item() - ref_loss.item()) <= LOSS_RTOL * (1.0 + loss_scale), \
         f"loss {loss.item()} vs reference {ref_loss.item()}"
