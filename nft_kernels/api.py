@@ -76,15 +76,7 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
         counted = mask_flat
         val.check_targets(target, weight.shape[0],
                           counted if counted is not None else torch.ones_like(target, dtype=bool))
-        for name, t in flat.items():
-            if t is None:
-                continue
-            if name in unit_names:
-                val.check_unit_interval(name, t, counted)
-            elif name == "old_logprobs":
-                val.check_no_nan(name, t, counted)
-            else:
-                val.check_finite(name, t, counted)
+        val.check_per_token_values(flat, unit_names, counted)
         val.check_finite("hidden", h)
         val.check_finite("weight", weight)
         if bias is not None:
@@ -180,13 +172,7 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
     logp = logprobs.reshape(-1).contiguous()
     if validate:
         val.check_no_nan("logprobs", logp, mask_flat)
-        for name, t in flat.items():
-            if name in unit_names:
-                val.check_unit_interval(name, t, mask_flat)
-            elif name == "old_logprobs":
-                val.check_no_nan(name, t, mask_flat)
-            else:
-                val.check_finite(name, t, mask_flat)
+        val.check_per_token_values(flat, unit_names, mask_flat)
     backend = resolve(impl, dev)
     values = list(flat.values()) + [None] * (3 - len(flat))
     loss_t = LossHead.apply(logp, *values, mask_flat, spec, backend)

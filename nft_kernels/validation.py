@@ -109,6 +109,20 @@ def check_unit_interval(name, value, where=None):
                          f"({int(bad.sum())} values outside)")
 
 
+def check_per_token_values(tensors, unit_names, where):
+    """Value checks of the per-token inputs on counted tokens: rewards / rates in [0, 1],
+    old log-probs not NaN (-inf is a valid log-prob), anything else (advantages) finite."""
+    for name, value in tensors.items():
+        if value is None:
+            continue
+        if name in unit_names:
+            check_unit_interval(name, value, where)
+        elif name == "old_logprobs":
+            check_no_nan(name, value, where)
+        else:
+            check_finite(name, value, where)
+
+
 def check_targets(target, vocab, where):
     bad = ((target < 0) | (target >= vocab)) & where
     if bool(bad.any()):
