@@ -1,0 +1,447 @@
+"""The training loop, one rollout step at a time:
+
+  K answers per prompt -> rewards -> r_hat per prompt -> dynamic sampling (drop groups with
+  r_hat in {0, 1}; sample more batches, up to algo.max_gen_batches) -> old log-probs recomputed
+  with the loss's kernel (on-policy R = 1) -> mini-batches -> AdamW (warm-up, grad clipping)
+  -> weights pushed to the sampling engine.
+
+The loss normalizer is global and explicit: every token carries the weight that the aggregation
+mode gives it over the whole mini-batch (all micro-batches, all ranks), and FSDP2's average over
+ranks is undone, so the gradient does not depend on micro-batching or world size.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .actor import (
+    DistInfo,
+    PolicyWithLoss,
+    full_state_dict,
+    init_distributed,
+    load_model_and_tokenizer,
+    set_gradient_sync,
+    shard,
+)
+from .config import Config, save_resolved
+from .data import (
+    EncodedProblem,
+    PromptStream,
+    encode_problems,
+    load_file,
+    load_files,
+    synthetic_problems,
+)
+from .eval import avg_at_k
+from .logging import PhaseTimer, RunLogger, plot_curves
+from .reward import RewardScorer, scorer_for
+from .rollout import Sample, call_seed, make_rollout
+
+
+class TrainingStopped(RuntimeError):
+    """Too many non-finite losses in a row (train.max_bad_steps)."""
+
+
+@dataclass
+class Sequence:
+    prompt_ids: tuple[int, ...]
+    response_ids: list[int]
+    reward: float
+    correct_rate: float    # r_hat of its prompt's group
+    advantage: float       # for the PPO-clip baselines
+    weight: float = 0.0    # per-token aggregation weight (set per mini-batch)
+
+
+# ---- pure pieces (tested directly) --------------------------------------------------------------
+def group_advantages(rewards: list[float], kind: str) -> list[float]:
+    """GRPO: (r - mean) / std with the population std (so that NFT with normalize=2 equals it
+    on-policy, Prop. 4.2); Dr. GRPO: r - mean. A group with no spread gets 0."""
+    mean = sum(rewards) / len(rewards)
+    centered = [r - mean for r in rewards]
+    if kind == "dr_grpo":
+        return centered
+    std = math.sqrt(sum(c * c for c in centered) / len(centered))
+    return [c / std if std > 0 else 0.0 for c in centered]
+
+
+def token_weights(lengths: list[int], mode: str, max_new_tokens: int) -> list[float]:
+    """The weight of each token of sequence i, so that sum(loss_t * weight) is the aggregated
+    loss over the whole mini-batch (verl's agg_loss modes; token-sum-norm is Dr. GRPO's constant)."""
+    n_seq = len(lengths)
+    n_tok = sum(lengths)
+    if mode == "token-mean":
+        return [1.0 / max(n_tok, 1)] * n_seq
+    if mode == "seq-mean-token-mean":
+        return [1.0 / (n_seq * max(n, 1)) for n in lengths]
+    if mode == "seq-mean-token-sum":
+        return [1.0 / n_seq] * n_seq
+    if mode == "token-sum-norm":
+        return [1.0 / (n_seq * max_new_tokens)] * n_seq
+    raise ValueError(f"unknown loss_agg {mode!r}")
+
+
+def collate(seqs: list[Sequence], pad_id: int, device) -> dict:
+    """Right-padded [B, L] ids; per-token tensors are [B, L - 1], aligned with the targets
+    ids[:, 1:], and count only the response's tokens."""
+    width = max(len(s.prompt_ids) + len(s.response_ids) for s in seqs)
+    b = len(seqs)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, width - 1), dtype=torch.bool)
+    per_seq = torch.tensor([[s.reward, s.correct_rate, s.advantage, s.weight] for s in seqs],
+                           dtype=torch.float32)
+    for row, s in enumerate(seqs):
+        full = list(s.prompt_ids) + s.response_ids
+        ids[row, :len(full)] = torch.tensor(full)
+        attn[row, :len(full)] = 1
+        mask[row, len(s.prompt_ids) - 1:len(full) - 1] = True
+    expand = mask.float()
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask,
+             "rewards": per_seq[:, 0:1] * expand, "correct_rate": per_seq[:, 1:2] * expand,
+             "advantages": per_seq[:, 2:3] * expand, "token_weight": per_seq[:, 3:4] * expand}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def split_even(items: list, parts: int) -> list[list]:
+    size = math.ceil(len(items) / parts)
+    return [items[i * size:(i + 1) * size] for i in range(parts)]
+
+
+# ---- the trainer ---------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: Config, model=None, tokenizer=None, model_dir: str | None = None,
+                 info: DistInfo | None = None):
+        self.cfg = cfg
+        self.info = info or init_distributed()
+        self.out_dir = Path(cfg.out_dir)
+        torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)
+        if self.info.main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_resolved(cfg, self.out_dir / "config.yaml")
+        if model is None:
+            model, tokenizer = load_model_and_tokenizer(cfg.model, self.info.device)
+            model_dir = cfg.model.path
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
+            else tokenizer.eos_token_id
+        self._load_data()
+        model = model.to(self.info.device)
+        # The sampling engine gets its own unsharded weights before the trainer's are sharded.
+        self.engine = make_rollout(cfg.rollout, model, tokenizer, model_dir, self.info.device,
+                                   call_seed(cfg.train.seed, 0, self.info.rank), cfg.model.dtype)
+        self.policy = shard(PolicyWithLoss(model, cfg.algo, cfg.train.impl), self.info)
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr,
+                                           betas=tuple(t.betas), weight_decay=t.weight_decay)
+        warm = t.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0)
+        kind = scorer_for(cfg.reward.kind, self.data_format, cfg.data.template)
+        self.scorer = RewardScorer.from_config(kind, cfg.reward.workers, cfg.reward.timeout_s)
+        self.logger = RunLogger(self.out_dir, enabled=self.info.main,
+                                tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb)
+        self.timer = PhaseTimer()
+        self.step, self.bad_steps = 0, 0
+        self._maybe_resume()
+        if self.info.main and self.step == 0 and self.logger.metrics_path.exists():
+            # A fresh run in a used folder: keep the old metrics under another name.
+            old = self.logger.metrics_path
+            old.rename(old.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+        self._push_weights()
+
+    # -- set-up --
+    def _load_data(self) -> None:
+        d = self.cfg.data
+        if d.train_files and d.format != "synthetic":
+            train, reports = load_files(d.train_files, d.format, d.template)
+            self.data_format = "file"
+            self.load_reports = [r.summary() for r in reports]
+        else:
+            train, held_out = synthetic_problems(d.synthetic_digits, d.synthetic_train_size,
+                                                 self.cfg.eval.synthetic_size)
+            self.data_format = "synthetic"
+            self.load_reports = [f"synthetic: {len(train)} train, {len(held_out)} held-out"]
+        encoded, too_long = encode_problems(train, self.tokenizer, d.max_prompt_tokens)
+        if not encoded:
+            raise ValueError(f"every training prompt is longer than data.max_prompt_tokens="
+                             f"{d.max_prompt_tokens}")
+        if too_long:
+            self.load_reports.append(f"dropped {too_long} prompts over "
+                                     f"{d.max_prompt_tokens} tokens")
+        self.stream = PromptStream(encoded, self.cfg.train.seed, d.shuffle)
+        self.eval_sets: dict[str, list[EncodedProblem]] = {}
+        if self.cfg.eval.files:
+            for path in self.cfg.eval.files:
+                problems, _ = load_file(path, "auto", d.template)
+                self.eval_sets[Path(path).stem] = encode_problems(
+                    problems, self.tokenizer, d.max_prompt_tokens)[0]
+        elif self.data_format == "synthetic":
+            self.eval_sets["synthetic"] = encode_problems(held_out, self.tokenizer,
+                                                          d.max_prompt_tokens)[0]
+        if self.cfg.eval.max_problems:
+            self.eval_sets = {k: v[:self.cfg.eval.max_problems] for k, v in self.eval_sets.items()}
+
+    def _maybe_resume(self) -> None:
+        found = ckpt.list_checkpoints(self.out_dir) if self.cfg.checkpoint.resume else []
+        if not found:
+            return
+        payload = ckpt.load_checkpoint(found[-1][1], self.policy, self.optimizer, self.scheduler,
+                                       self.info.world)
+        self.step = payload["step"]
+        self.bad_steps = payload.get("bad_steps", 0)
+        self.stream.load_state_dict(payload["data"])
+        if self.info.main:
+            print(f"resumed from {found[-1][1]} (step {self.step})")
+
+    def _push_weights(self) -> None:
+        with self.timer("sync"):
+            self.engine.load_weights(full_state_dict(self.policy, self.info))
+
+    # -- collectives (no-ops in one process) --
+    def _gather(self, obj) -> list:
+        if self.info.world == 1:
+            return [obj]
+        out = [None] * self.info.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _sum(self, values: list[float]) -> list[float]:
+        if self.info.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    # -- one rollout step --
+    def _sample_groups(self, step: int) -> tuple[list[list[Sequence]], dict]:
+        cfg, r = self.cfg, self.cfg.rollout
+        kept: list[list[Sequence]] = []
+        seen = kept_count = 0
+        lengths, truncated, all_rewards, dumps = [], [], [], []
+        for gen in range(cfg.algo.max_gen_batches):
+            problems = self.stream.take(cfg.train.prompts_per_step)   # same on every rank
+            mine = problems[self.info.rank::self.info.world]
+            with self.timer("generate"):
+                samples = self.engine.generate(
+                    [list(p.prompt_ids) for p in mine], r.n, r.temperature, r.top_p,
+                    r.max_new_tokens,
+                    call_seed(cfg.train.seed, step * cfg.algo.max_gen_batches + gen,
+                              self.info.rank))
+            with self.timer("reward"):
+                texts = self.tokenizer.batch_decode([s.response_ids for s in samples],
+                                                    skip_special_tokens=True)
+                rewards = self.scorer(texts, [mine[s.prompt_index].problem.answer
+                                              for s in samples])
+            local = self._groups(mine, samples, rewards)
+            if self.info.main and len(dumps) < 8:
+                dumps += [{"prompt": mine[s.prompt_index].problem.prompt, "response": t,
+                           "answer": mine[s.prompt_index].problem.answer, "reward": rw}
+                          for s, t, rw in list(zip(samples, texts, rewards))[:8]]
+            for groups in self._gather(local):
+                for g in groups:
+                    seen += 1
+                    lengths += [len(s.response_ids) for s in g]
+                    all_rewards += [s.reward for s in g]
+                    if not cfg.algo.dynamic_sampling or 0.0 < g[0].correct_rate < 1.0:
+                        kept.append(g)
+                        kept_count += 1
+            truncated += self._gather(sum(s.truncated for s in samples))
+            if not cfg.algo.dynamic_sampling or len(kept) >= cfg.train.prompts_per_step:
+                break
+        metrics = {
+            "train/accuracy": sum(all_rewards) / len(all_rewards),
+            "train/kept_fraction": kept_count / seen,
+            "train/gen_batches": gen + 1,
+            "train/response_length": sum(lengths) / len(lengths),
+            "train/truncation_rate": sum(truncated) / len(lengths),
+        }
+        if self.info.main and self.cfg.log.sample_dump_every and \
+                step % self.cfg.log.sample_dump_every == 0:
+            self.logger.dump_samples(step, dumps)
+        return kept[:cfg.train.prompts_per_step], metrics
+
+    def _groups(self, problems, samples: list[Sample], rewards) -> list[list[Sequence]]:
+        by_prompt: dict[int, list[tuple[Sample, float]]] = {}
+        for s, rw in zip(samples, rewards):
+            by_prompt.setdefault(s.prompt_index, []).append((s, rw))
+        groups = []
+        for index, members in sorted(by_prompt.items()):
+            rs = [rw for _, rw in members]
+            rate = sum(rs) / len(rs)
+            adv = group_advantages(rs, self.cfg.algo.advantage)
+            groups.append([Sequence(problems[index].prompt_ids, s.response_ids, rw, rate, a)
+                           for (s, rw), a in zip(members, adv)])
+        return groups
+
+    def _micro_batches(self, seqs: list[Sequence]) -> list[dict]:
+        """This rank's share of a mini-batch, as micro-batches; every rank runs the same number
+        of them (FSDP2's collectives must match), padding with zero-weight copies."""
+        cfg = self.cfg
+        for s, w in zip(seqs, token_weights([len(s.response_ids) for s in seqs],
+                                            cfg.algo.loss_agg, cfg.rollout.max_new_tokens)):
+            s.weight = w
+        mine = seqs[self.info.rank::self.info.world]
+        per_rank = math.ceil(len(seqs) / self.info.world)
+        if len(mine) < per_rank:
+            mine = mine + [Sequence(seqs[0].prompt_ids, seqs[0].response_ids, 0.0, 0.5, 0.0,
+                                    0.0)] * (per_rank - len(mine))
+        mbs = cfg.train.micro_batch_size
+        return [collate(mine[i:i + mbs], self.pad_id, self.info.device)
+                for i in range(0, len(mine), mbs)]
+
+    def _update(self, groups: list[list[Sequence]]) -> dict:
+        cfg = self.cfg
+        minis = [[s for g in part for s in g] for part in
+                 split_even(groups, min(cfg.train.mini_batches_per_step, len(groups)))]
+        plans = [self._micro_batches(m) for m in minis if m]
+        ent_sum = ent_tok = 0.0
+        with self.timer("old_logp"), torch.no_grad():
+            for plan in plans:
+                for batch in plan:
+                    logp, entropy = self.policy(batch, logprobs_only=True)
+                    batch["old_logprobs"] = logp
+                    counted = batch["loss_mask"] & (batch["token_weight"] > 0)
+                    ent_sum += float(entropy[counted].sum())
+                    ent_tok += float(counted.sum())
+        stats = {"loss": [], "grad_norm": [], "skipped": 0}
+        ratio_sum = ratio_tok = 0.0
+        ratio_max = 0.0
+        with self.timer("update"):
+            for plan in plans:
+                self.optimizer.zero_grad(set_to_none=True)
+                loss_total = 0.0
+                for i, batch in enumerate(plan):
+                    set_gradient_sync(self.policy, i == len(plan) - 1)
+                    loss, st = self.policy(batch)
+                    # FSDP2 averages gradients over ranks; the weights already divide by the
+                    # global normalizer, so scale the average back to the sum.
+                    (loss * self.info.world).backward()
+                    loss_total += float(loss.detach())
+                    counted = batch["loss_mask"] & (batch["token_weight"] > 0)
+                    ratio = torch.exp(st["logprobs"] - batch["old_logprobs"])[counted]
+                    ratio_sum += float(ratio.sum())
+                    ratio_tok += float(ratio.numel())
+                    if ratio.numel():
+                        ratio_max = max(ratio_max, float(ratio.max()))
+                loss_total = self._sum([loss_total])[0]
+                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                                      cfg.train.grad_clip or float("inf"))
+                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    stats["skipped"] += 1
+                    self.bad_steps += 1
+                    print(f"step {self.step + 1}: non-finite loss ({loss_total}) or grad norm "
+                          f"({grad_norm}); update skipped ({self.bad_steps} in a row)")
+                    if self.bad_steps >= cfg.train.max_bad_steps:
+                        raise TrainingStopped(
+                            f"{self.bad_steps} non-finite updates in a row "
+                            f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopping")
+                    continue
+                self.bad_steps = 0
+                self.optimizer.step()
+                self.scheduler.step()
+                stats["loss"].append(loss_total)
+                stats["grad_norm"].append(grad_norm)
+        ent_sum, ent_tok, ratio_sum, ratio_tok = self._sum([ent_sum, ent_tok, ratio_sum,
+                                                            ratio_tok])
+        out = {"train/entropy": ent_sum / max(ent_tok, 1), "train/tokens": ent_tok,
+               "train/ratio_mean": ratio_sum / max(ratio_tok, 1), "train/ratio_max": ratio_max,
+               "train/skipped_updates": stats["skipped"], "train/lr": self.scheduler.get_last_lr()[0]}
+        if stats["loss"]:
+            out["train/loss"] = sum(stats["loss"]) / len(stats["loss"])
+            out["train/grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
+        return out
+
+    def train_step(self) -> dict:
+        step = self.step + 1
+        groups, metrics = self._sample_groups(step)
+        metrics["train/kept_prompts"] = len(groups)
+        if groups:
+            metrics.update(self._update(groups))
+            self._push_weights()
+        self.step = step
+        metrics.update({f"reward/{k}": v for k, v in self.scorer.counts.items()})
+        metrics.update(self.timer.pop())
+        return metrics
+
+    # -- evaluation, checkpoints, the run --
+    def evaluate(self, tag: str = "eval") -> dict:
+        e = self.cfg.eval
+        results = {}
+        for name, problems in self.eval_sets.items():
+            results[name] = avg_at_k(self.engine, problems, self.scorer, e.k, e.temperature,
+                                     e.top_p, e.max_new_tokens,
+                                     call_seed(self.cfg.train.seed + 1, self.step, 0),
+                                     self.tokenizer)
+        flat = {f"{tag}/{name}/{k}": v for name, r in results.items() for k, v in r.items()
+                if k in ("accuracy", "pass_at_k")}
+        if results:
+            flat[f"{tag}/accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
+        return flat
+
+    def save(self) -> Path | None:
+        extra = {"data": self.stream.state_dict(), "bad_steps": self.bad_steps}
+        try:
+            return ckpt.save_checkpoint(self.out_dir, self.step, self.policy, self.optimizer,
+                                        self.scheduler, extra, self.info.world, self.info.rank,
+                                        self.cfg.checkpoint.keep_last)
+        except OSError as err:
+            # The previous checkpoint is intact; training goes on and tries again next time.
+            print(f"checkpoint at step {self.step} failed ({err}); earlier checkpoints kept")
+            return None
+
+    def export(self, folder: Path) -> None:
+        """The trained weights as a Hugging Face folder (for `nft-train eval`, vLLM, the hub)."""
+        state = full_state_dict(self.policy, self.info, cpu=True)
+        if self.info.main:
+            lm = self.policy.lm
+            lm.save_pretrained(folder, state_dict=state)
+            self.tokenizer.save_pretrained(folder)
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        if self.info.main:
+            for line in self.load_reports:
+                print(line)
+        final: dict = {}
+        progress = None
+        if self.info.main and cfg.log.progress:
+            from tqdm import tqdm
+            progress = tqdm(total=cfg.train.steps, initial=self.step, desc="nft-train")
+        try:
+            while self.step < cfg.train.steps:
+                metrics = self.train_step()
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.eval_sets:
+                    metrics.update(self.evaluate())
+                self.logger.log(self.step, metrics)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(acc=f"{metrics['train/accuracy']:.2f}",
+                                         kept=f"{metrics['train/kept_fraction']:.2f}")
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save()
+        finally:
+            if progress is not None:
+                progress.close()
+        if self.eval_sets:
+            final = self.evaluate()
+            self.logger.log(self.step, final)
+        self.save()
+        self.export(self.out_dir / "final_model")
+        if self.info.main:
+            plot_curves(self.logger.metrics_path, self.out_dir / "curves.png",
+                        f"{cfg.algo.name} ({cfg.algo.loss} loss)")
+        return final
+
+    def close(self) -> None:
+        self.scorer.close()
+        self.logger.close()

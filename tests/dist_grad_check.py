@@ -1,0 +1,24 @@
+"""Run under torchrun (2 CPU processes, gloo): one trainer update on fixed groups with FSDP2;
+rank 0 saves the full gradients for tests/test_train_loop.py to compare with one process."""
+import sys
+
+import torch
+import train_helpers as th
+
+from nft_train.loop import Trainer
+
+
+def main(out_path: str, run_dir: str) -> None:
+    model, tok = th.tiny_model(0)
+    cfg = th.tiny_config(run_dir, train={"grad_clip": 0.0})
+    trainer = Trainer(cfg, model=model, tokenizer=tok)
+    trainer._update(th.fixed_groups(tok, n_groups=5))
+    grads = th.grads_of(trainer.policy)
+    if trainer.info.main:
+        torch.save(grads, out_path)
+    trainer.close()
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
