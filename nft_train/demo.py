@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-import nft_kernels
-
+from .actor import PolicyWithLoss
 from .config import Config, apply_preset, validate
 from .data import encode_problems, synthetic_problems
 from .tiny import build_tiny_model, build_tokenizer
@@ -59,27 +58,24 @@ def demo_config(out_dir: str, backend: str = "hf", steps: int = 300, seed: int =
 
 def sft_warm_start(model, tokenizer, problems, steps: int, batch_size: int, lr: float,
                    seed: int) -> list[float]:
-    """Maximize log p(answer + eos | prompt) with the fused log-prob kernel (differentiable)."""
+    """Maximize log p(answer + eos | prompt), through the trainer's own forward (the fused
+    log-prob kernel is differentiable)."""
+    from .loop import Sequence, collate
+
     encoded, _ = encode_problems(problems, tokenizer, 64)
     eos = tokenizer.eos_token_id
+    answers = {p.problem.answer: tokenizer(p.problem.answer, add_special_tokens=False)
+               ["input_ids"] + [eos] for p in encoded}
+    policy = PolicyWithLoss(model, Config().algo)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
     losses = []
     model.train()
     for _ in range(steps):
-        batch = rng.sample(encoded, batch_size)
-        seqs = [(list(p.prompt_ids), tokenizer(p.problem.answer, add_special_tokens=False)
-                 ["input_ids"] + [eos]) for p in batch]
-        width = max(len(a) + len(b) for a, b in seqs)
-        ids = torch.full((len(seqs), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-        for row, (prompt, answer) in enumerate(seqs):
-            ids[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
-            mask[row, len(prompt) - 1:len(prompt) + len(answer) - 1] = True
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[:, :-1]
-        logp = nft_kernels.fused_linear_logprobs(hidden, head.weight, ids[:, 1:], mask=mask)
-        loss = -(logp * mask).sum() / mask.sum()
+        batch = collate([Sequence(p.prompt_ids, answers[p.problem.answer], 1.0, 1.0, 0.0, 1.0)
+                         for p in rng.sample(encoded, batch_size)], eos, torch.device("cpu"))
+        logp, _ = policy(batch, logprobs_only=True)
+        loss = -logp.sum() / batch["loss_mask"].sum()     # masked tokens have logp 0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
