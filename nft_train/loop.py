@@ -150,6 +150,7 @@ class Trainer:
                                 tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb)
         self.timer = PhaseTimer()
         self.step, self.bad_steps = 0, 0
+        self.saved_step = -1
         self._maybe_resume()
         if self.info.main and self.step == 0 and self.logger.metrics_path.exists():
             # A fresh run in a used folder: keep the old metrics under another name.
@@ -389,6 +390,7 @@ class Trainer:
         return flat
 
     def save(self) -> Path | None:
+        self.saved_step = self.step
         extra = {"data": self.stream.state_dict(), "bad_steps": self.bad_steps}
         try:
             return ckpt.save_checkpoint(self.out_dir, self.step, self.policy, self.optimizer,
@@ -435,7 +437,8 @@ class Trainer:
         if self.eval_sets:
             final = self.evaluate()
             self.logger.log(self.step, final)
-        self.save()
+        if self.saved_step != self.step:   # the same on every rank: saving is collective
+            self.save()
         self.export(self.out_dir / "final_model")
         if self.info.main:
             plot_curves(self.logger.metrics_path, self.out_dir / "curves.png",
