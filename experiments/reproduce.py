@@ -433,11 +433,28 @@ def plot_all(records: list[dict], out: Path) -> list[Path]:
 
 # ---- the command ----------------------------------------------------------------------------------
 def _git_commit() -> str | None:
+    """HEAD, with "+dirty" when tracked files differ from it (the code that is about to run)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10, check=False).stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, capture_output=True, text=True, timeout=10,
+                               check=False).stdout.strip()
     except OSError:
         return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
+def _invocations(path: Path, fresh: bool) -> list[dict]:
+    """The history of invocations that wrote this results folder (a later run that reuses the
+    trained runs keeps the record of the one that trained them)."""
+    if fresh or not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    if "invocations" in old:
+        return old["invocations"]
+    return [{k: old.get(k) for k in ("command", "date", "git_commit", "wall_seconds")}
+            | {"trained": len(old.get("trained_now", old.get("runs", [])))}]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -476,6 +493,9 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     specs = plan(seeds, not args.no_ablations)
     start = time.time()
+    commit = _git_commit()
+    command = " ".join(["python -m experiments.reproduce",
+                        *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
     records: list[dict] = []
     todo: list[RunSpec] = []
     for spec in specs:
@@ -512,23 +532,21 @@ def main(argv: list[str] | None = None) -> dict:
     plots = plot_all(records, out)
     import torch
     import transformers
+    wall = round(time.time() - start, 1)
     meta = {
-        "command": "python -m experiments.reproduce " + " ".join(shlex.quote(a) for a in
-                                                               (argv if argv is not None
-                                                                else sys.argv[1:])),
-        "seeds": seeds, "smoke": args.smoke, "jobs": args.jobs,
+        "command": command, "seeds": seeds, "smoke": args.smoke, "jobs": args.jobs,
         "runs": [s.key for s in specs], "trained_now": [s.key for s in todo],
-        "settings": settings,
-        "demo_settings": DEMO, "evals": EVALS,
-        "git_commit": _git_commit(), "date": time.strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.time() - start, 1),
+        "settings": settings, "demo_settings": DEMO, "evals": EVALS,
+        "git_commit": commit, "date": time.strftime("%Y-%m-%d"), "wall_seconds": wall,
+        "invocations": _invocations(out / "command.json", args.fresh) + [
+            {"command": command, "date": time.strftime("%Y-%m-%d"), "git_commit": commit,
+             "wall_seconds": wall, "trained": len(todo)}],
         "run_seconds": {r["run"] + f"_seed{r['seed']}": r["seconds"] for r in records},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__},
         "outputs": sorted(p.name for p in [out / "summary.json", out / "ablations.json",
-                                           out / "table.json",
-                                           out / "table.md", *plots]),
+                                           out / "table.json", out / "table.md", *plots]),
     }
     (out / "command.json").write_text(json.dumps(meta, indent=2) + "\n")
     print("\n" + table_md)

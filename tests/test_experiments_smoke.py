@@ -69,6 +69,8 @@ def test_smoke_sweep_writes_table_curves_ablations(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 to train" in again.stdout
     assert json.loads((out / "summary.json").read_text()) == summary
+    history = json.loads((out / "command.json").read_text())["invocations"]
+    assert [h["trained"] for h in history] == [len(records), 0]
 
 
 def test_summary_statistics_are_paired_and_sample_std():

@@ -168,3 +168,24 @@ def test_untested_trl_version_is_one_clear_error(monkeypatch):
     with pytest.warns(UserWarning, match="tested with trl"):
         assert _versions.check_version("trl", installed="0.9.6") == "0.9.6"
     assert _versions.check_version("trl") == trl.__version__
+
+
+def test_nft_trainer_with_a_lora_adapter(tmp_path, warm_state):
+    """TRL's usual PEFT path: only the adapter trains, the fused head still sees lm_head."""
+    peft = pytest.importorskip("peft")
+    model, tokenizer = _model()
+    model.load_state_dict(warm_state)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM")
+    trainer = NFTTrainer(model=model, reward_funcs=[exact_sum, digit_credit],
+                         args=_args(tmp_path, NFTConfig, reward_weights=[0.5, 0.5],
+                                    learning_rate=1e-2),
+                         train_dataset=_dataset(), processing_class=tokenizer, peft_config=lora)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert any(h["nft/signal_fraction"] > 0 for h in logs)
+    assert any(h["grad_norm"] > 0 for h in logs)
+    changed = {n for n, p in trainer.model.named_parameters()
+               if not torch.equal(p.detach(), before[n])}
+    assert changed and all("lora_" in n for n in changed)

@@ -133,3 +133,48 @@ def test_untested_verl_version_is_one_clear_error(monkeypatch):
     with pytest.raises(ImportError, match=r"tested with verl>=.*found verl 0\.4\.1.*nft-kernels\[verl\]"):
         _versions.check_version("verl", installed="0.4.1")
     assert _versions.check_version("verl") == verl.__version__
+
+
+def test_verl_actor_loss_entry_point_dispatches_to_nft():
+    """verl's own actor loss (`verl.workers.utils.losses.ppo_loss`, what its FSDP workers call)
+    with `policy_loss.loss_mode=nft` in its ActorConfig: flat (unpadded) model log-probs in,
+    the same loss and gradient as calling the registered function on padded tensors."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.losses import ppo_loss
+
+    b = _batch(groups=2, length=5, seed=4)
+    n, width = b["mask"].shape
+    prompt_len = 3
+    response_lens = b["mask"].sum(1).long()
+    # The model's output for each sequence: one log-prob per position, shifted by one token
+    # (position prompt_len - 1 + j scores response token j), concatenated without padding.
+    flat_parts = []
+    for i in range(n):
+        seq = torch.zeros(prompt_len + int(response_lens[i]))
+        seq[prompt_len - 1: prompt_len - 1 + int(response_lens[i])] = \
+            b["logp"].detach()[i, :int(response_lens[i])]
+        flat_parts.append(seq)
+    flat = torch.cat(flat_parts).requires_grad_(True)
+    attention = torch.cat([torch.ones(n, prompt_len), b["mask"]], dim=1).long()
+    data = TensorDict({"prompts": torch.ones(n, prompt_len, dtype=torch.long),
+                       "responses": torch.ones(n, width, dtype=torch.long),
+                       "attention_mask": attention, "response_mask": b["mask"].long(),
+                       "old_log_probs": b["old"], "advantages": b["adv"]}, batch_size=[n])
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(b["mask"].sum()),
+                         global_batch_size=n)
+    cfg = _actor_config()
+    loss, metrics = ppo_loss(cfg, {"log_probs": flat}, data)
+    (grad_flat,) = torch.autograd.grad(loss, flat)
+
+    fn = core_algos.get_policy_loss_fn("nft")
+    logp = b["logp"].detach().clone().requires_grad_(True)
+    ref, _ = fn(b["old"], logp, b["adv"], b["mask"].bool(), "token-mean", _actor_config(), None)
+    (ref_grad,) = torch.autograd.grad(ref, logp)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+    got = torch.stack([torch.nn.functional.pad(
+        grad_flat[sum(len(p) for p in flat_parts[:i]) + prompt_len - 1:][:int(response_lens[i])],
+        (0, width - int(response_lens[i]))) for i in range(n)])
+    torch.testing.assert_close(got, ref_grad, rtol=1e-5, atol=1e-8)
+    assert ref_grad.abs().max() > 0
+    assert "actor/nft_signal_fraction" in metrics

@@ -5,7 +5,7 @@ import os
 from importlib import metadata
 
 # package -> (lowest tested, first untested), the same bounds as the extras in pyproject.toml
-TESTED = {"trl": ("1.16.0", "1.17"), "verl": ("0.9.1", "0.10")}
+TESTED = {"trl": ("1.8.0", "1.17"), "verl": ("0.9.1", "0.10")}
 ESCAPE = "NFT_KERNELS_ALLOW_UNTESTED"
 
 
