@@ -189,3 +189,22 @@ def test_nft_trainer_with_a_lora_adapter(tmp_path, warm_state):
     changed = {n for n, p in trainer.model.named_parameters()
                if not torch.equal(p.detach(), before[n])}
     assert changed and all("lora_" in n for n in changed)
+
+
+def test_two_processes_slice_rewards_per_rank_and_stay_in_sync(tmp_path):
+    """torchrun, 2 processes, gloo on CPU (tests/trl_ddp_check.py): each rank's batch carries
+    its own completions' rewards and group rates, and DDP keeps the replicas identical."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=str(here.parent))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29541", str(here / "trl_ddp_check.py"),
+                           str(tmp_path)], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert "rank 0: ok" in proc.stdout and "rank 1: ok" in proc.stdout
