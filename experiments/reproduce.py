@@ -35,12 +35,14 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+from nft_train.config import PRESETS
+
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["nft", "rft", "grpo", "dr_grpo", "dapo"]
 # (ablation, NFT knob, values); the NFT preset's own value is the main "nft" run, reused.
 ABLATIONS = [("epsilon", "clip_negative", [0.1, 0.5, 1.0, 4.0]),
              ("omega", "normalize", [0, 1, 2])]
-NFT_DEFAULTS = {"clip_negative": 1.0, "normalize": 1}
+NFT_DEFAULTS = {knob: PRESETS["nft"][knob] for _, knob, _ in ABLATIONS}
 # Held-out evaluation: the demo's avg@4 at the rollout temperature, and the paper's decoding
 # (T=0.6, top-p 0.7, Sec. 5.1), which the table leads with.
 EVALS = {"paper": {"temperature": 0.6, "top_p": 0.7}, "t1": {"temperature": 1.0, "top_p": 1.0}}
@@ -177,16 +179,19 @@ def run_one(spec: RunSpec, warm_dir: str, work: str, settings: dict, threads: in
                                                "kept_fraction", "response_length", "grad_norm")}
     probe = {"problems": min(200, settings["eval_size"]), "k": 4}
 
-    def checkpoint_eval(step: int) -> dict:
-        e = trainer.evaluate()
-        curves["heldout_accuracy_t1"].append([step, e["eval/accuracy"]])
+    def checkpoint_eval(step: int, t1_accuracy: float | None = None) -> dict:
+        """The curves' points: held-out accuracy at T=1 (the trainer's own eval settings, the
+        same as EVALS["t1"]; passed in where _evals has just measured it) and the entropy probe."""
+        if t1_accuracy is None:
+            t1_accuracy = trainer.evaluate()["eval/accuracy"]
+        curves["heldout_accuracy_t1"].append([step, t1_accuracy])
         ent = heldout_entropy(trainer, probe["problems"], probe["k"], 10_000 + spec.seed)
         curves["entropy_heldout"].append([step, ent])
-        return {**e, "eval/entropy": ent}
+        return {"eval/accuracy": t1_accuracy, "eval/entropy": ent}
 
     try:
         before = _evals(trainer)
-        trainer.logger.log(0, checkpoint_eval(0))
+        trainer.logger.log(0, checkpoint_eval(0, before["t1"]["accuracy"]))
         keys = {"train/entropy": "entropy_trained_tokens", "train/accuracy": "rollout_accuracy",
                 "train/kept_fraction": "kept_fraction",
                 "train/response_length": "response_length", "train/grad_norm": "grad_norm"}
@@ -196,10 +201,12 @@ def run_one(spec: RunSpec, warm_dir: str, work: str, settings: dict, threads: in
             for src, dst in keys.items():
                 if isinstance(metrics.get(src), (int, float)):
                     curves[dst].append([trainer.step, metrics[src]])
-            if (every and trainer.step % every == 0) or trainer.step == cfg.train.steps:
+            if trainer.step == cfg.train.steps:
+                after = _evals(trainer)
+                metrics.update(checkpoint_eval(trainer.step, after["t1"]["accuracy"]))
+            elif every and trainer.step % every == 0:
                 metrics.update(checkpoint_eval(trainer.step))
             trainer.logger.log(trainer.step, metrics)
-        after = _evals(trainer)
     finally:
         trainer.close()
     return {
@@ -379,9 +386,7 @@ def _axes_done(ax, ylabel: str) -> None:
 
 def plot_all(records: list[dict], out: Path) -> list[Path]:
     plt = _plt()
-    by_run: dict[str, list[dict]] = {}
-    for rec in records:
-        by_run.setdefault(rec["run"], []).append(rec)
+    by_run = {name: list(recs.values()) for name, recs in _by_seed(records).items()}
     figures = [
         ("entropy.png", "Entropy per algorithm (Fig. 8), mean ± std over seeds",
          [("entropy_heldout", "entropy on held-out answers, T=1 (nats/token)"),

@@ -38,6 +38,7 @@ TRL_VERSION = check_version("trl")
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import _nft_spec, fused_linear_logprobs, fused_linear_nft_loss
+from . import NFT_LOSS_DEFAULTS
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
@@ -46,16 +47,17 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 class NFTConfig(GRPOConfig):
     """``GRPOConfig`` plus the NFT loss's settings (see ``nft_kernels.fused_linear_nft_loss``)."""
 
-    nft_neg_weight: float = field(default=1.0, metadata={
+    nft_neg_weight: float = field(default=NFT_LOSS_DEFAULTS["neg_weight"], metadata={
         "help": "Weight of the negative (r=0) term: 1 = NFT, 0 = RFT."})
-    nft_normalize: int = field(default=1, metadata={
+    nft_normalize: int = field(default=NFT_LOSS_DEFAULTS["normalize"], metadata={
         "help": "Prompt weight omega: 0 -> 1, 1 -> 1 - r_hat (~Dr. GRPO), 2 -> sqrt((1-r_hat)/r_hat) "
                 "(~GRPO)."})
-    nft_clip_negative: float = field(default=1.0, metadata={
+    nft_clip_negative: float = field(default=NFT_LOSS_DEFAULTS["clip_negative"], metadata={
         "help": "epsilon of max_st((1 - r_hat R)/(1 - r_hat), epsilon) in the negative term."})
-    nft_rate_clamp: list[float] = field(default_factory=lambda: [0.02, 0.98], metadata={
+    nft_rate_clamp: list[float] = field(
+        default_factory=lambda: list(NFT_LOSS_DEFAULTS["rate_clamp"]), metadata={
         "help": "r_hat is clamped to this range."})
-    nft_max_log_ratio: float = field(default=10.0, metadata={
+    nft_max_log_ratio: float = field(default=NFT_LOSS_DEFAULTS["max_log_ratio"], metadata={
         "help": "R = exp(min(logp - old_logp, this))."})
     nft_impl: str = field(default="auto", metadata={
         "help": "nft_kernels backend: auto | triton | torch."})

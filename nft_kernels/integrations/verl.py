@@ -39,9 +39,9 @@ from verl.trainer.ppo.core_algos import (
 )
 
 from ..api import _nft_spec, nft_loss
+from . import NFT_LOSS_DEFAULTS
 
-PAPER_DEFAULTS = {"neg_weight": 1.0, "normalize": 1, "clip_negative": 1.0,
-                  "rate_clamp": (0.02, 0.98), "max_log_ratio": 10.0}
+PAPER_DEFAULTS = dict(NFT_LOSS_DEFAULTS)
 ADVICE = ("the nft policy loss needs binary rewards with Dr. GRPO advantages A = r - mean(r): "
           "set algorithm.adv_estimator=grpo and algorithm.norm_adv_by_std_in_grpo=False")
 
