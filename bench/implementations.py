@@ -26,6 +26,8 @@ class Impl:
     loss: str  # "nft" or "ppo": which float64 reference it is checked against
     build: Callable  # inputs -> closure
     available: Callable[[torch.device], str | None] = lambda device: None  # None = runs
+    mode: str | None = None  # ours: the execution mode, whose memory formula the bench checks
+    compiles: bool = False   # torch.compile: minutes of compile time (left out of --quick)
 
 
 def _leaves(inputs):
@@ -38,7 +40,7 @@ def _nft_options():
     return dict(normalize=1, clip_negative=1.0, neg_weight=1.0)
 
 
-def _ours(filter_eps):
+def _ours(mode, filter_eps=None):
     def build(inputs):
         h, w = _leaves(inputs)
 
@@ -46,7 +48,7 @@ def _ours(filter_eps):
             h.grad = w.grad = None
             loss = fused_linear_nft_loss(h, w, inputs["target"], inputs["old"], inputs["rewards"],
                                          inputs["rate"], inputs["mask"], filter_eps=filter_eps,
-                                         validate=False, **_nft_options())
+                                         mode=mode, **_nft_options())
             loss.backward()
             return loss, h.grad, w.grad
         return run
@@ -76,20 +78,46 @@ def _naive(inputs):
     return _nft_on_logprobs(inputs, _naive_logprobs, impl="torch")
 
 
-_compiled_chunk = None
+_compiled = {}
+
+
+def _compiled_naive(inputs):
+    """The materialized logits under torch.compile (the whole [N, V] block at once)."""
+    if "naive" not in _compiled:
+        _compiled["naive"] = torch.compile(_naive_logprobs, dynamic=False)
+    return _nft_on_logprobs(inputs, _compiled["naive"], impl="torch")
 
 
 def _compiled_chunked(inputs, chunk_rows=1024):
-    global _compiled_chunk
-    if _compiled_chunk is None:
-        _compiled_chunk = torch.compile(_naive_logprobs, dynamic=False)
+    if "chunk" not in _compiled:
+        _compiled["chunk"] = torch.compile(_naive_logprobs, dynamic=False)
     from torch.utils.checkpoint import checkpoint
 
     def chunked(h, w, target):  # checkpointed: each chunk's logits are recomputed in backward
-        return torch.cat([checkpoint(_compiled_chunk, h[i:i + chunk_rows], w,
+        return torch.cat([checkpoint(_compiled["chunk"], h[i:i + chunk_rows], w,
                                      target[i:i + chunk_rows], use_reentrant=False)
                           for i in range(0, h.shape[0], chunk_rows)])
     return _nft_on_logprobs(inputs, chunked, impl="torch")
+
+
+def _trl_available(device):
+    try:
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction  # noqa: F401
+    except ImportError:
+        return "TRL >= 1.15 is not installed (trl.kernels.chunked_logprob; pip install trl)"
+    return None
+
+
+def _trl_chunked(inputs):
+    """What TRL >= 1.15 users get: TRL's chunked LM-head log-probs (cuBLAS tiles + a Triton
+    online-LSE kernel, ``trl/kernels/chunked_logprob.py``), then the NFT head on them."""
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    def logprobs(h, w, target):
+        return ChunkedLogProbFunction.apply(h, w, None, target, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
+                                            None, 1.0, ("log_probs",))[0]
+    return _nft_on_logprobs(inputs, logprobs)
 
 
 def _cce_available(device):
@@ -140,18 +168,21 @@ def _ours_ppo(inputs):
         h.grad = w.grad = None
         loss = fused_linear_ppo_loss(h, w, inputs["target"], inputs["old"],
                                      inputs["advantages"], inputs["mask"], reduction="mean",
-                                     validate=False, **DAPO_CLIP)
+                                     **DAPO_CLIP)
         loss.backward()
         return loss, h.grad, w.grad
     return run
 
 
 IMPLEMENTATIONS = [
-    Impl("nft_kernels exact", "nft", _ours(None)),
-    Impl("nft_kernels filtered", "nft", _ours(FILTER_EPS)),
+    Impl("nft_kernels chunked", "nft", _ours("chunked"), mode="chunked"),
+    Impl("nft_kernels lean", "nft", _ours("lean"), mode="lean"),
+    Impl("nft_kernels lean filtered", "nft", _ours("lean", FILTER_EPS), mode="lean"),
     Impl("torch naive", "nft", _naive),
-    Impl("torch.compile chunked", "nft", _compiled_chunked),
+    Impl("torch.compile naive", "nft", _compiled_naive, compiles=True),
+    Impl("torch.compile chunked", "nft", _compiled_chunked, compiles=True),
     Impl("CCE + NFT", "nft", _cce, _cce_available),
     Impl("Liger GRPO (DAPO loss)", "ppo", _liger_grpo, _liger_available),
-    Impl("nft_kernels PPO (DAPO loss)", "ppo", _ours_ppo),
+    Impl("TRL chunked logprob + NFT", "nft", _trl_chunked, _trl_available),
+    Impl("nft_kernels PPO (DAPO loss)", "ppo", _ours_ppo, mode="chunked"),
 ]

@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from implementations import IMPLEMENTATIONS  # noqa: E402
 
-from nft_kernels import fused_linear_logprobs  # noqa: E402
-from nft_kernels.backend import resolve  # noqa: E402
+from nft_kernels import extra_memory_bytes, fused_linear_logprobs  # noqa: E402
+from nft_kernels.backend import resolve_impl  # noqa: E402
 from nft_kernels.reference import (  # noqa: E402
     reference_nft_loss,
     reference_ppo_loss,
@@ -175,10 +175,11 @@ def measure(job):
     reason = impl.available(device)
     if reason:
         return {**record, "status": "skipped", "reason": reason}
-    if impl.name == "torch.compile chunked" and job.get("quick"):
+    if impl.compiles and job.get("quick"):
         return {**record, "status": "skipped",
                 "reason": "--quick leaves out torch.compile (its compile time alone is minutes)"}
-    record["backend"] = resolve("auto", device).__name__.rsplit(".", 1)[-1]
+    if impl.name.startswith("nft_kernels"):
+        record.update(backend=resolve_impl("auto", device), mode=impl.mode)
     try:
         input_sets = [make_inputs(n, h, v, dtype, device, seed) for seed in (0, 1)]
         runs = [impl.build(inputs) for inputs in input_sets]
@@ -202,6 +203,14 @@ def measure(job):
         record["peak_extra_mib"] = peak
         record["peak_over_gradient_buffers"] = (None if peak is None else
                                                 peak / record["gradient_buffers_mib"])
+        if impl.mode is not None:
+            # The documented bound (nft_kernels.extra_memory_bytes) for this call.
+            counted = int(input_sets[0]["mask"].sum())
+            bound = extra_memory_bytes(n, h, v, dtype, impl.mode, device=device,
+                                       counted_tokens=counted) / 2**20
+            record["memory_formula"] = "nft_kernels.extra_memory_bytes"
+            record["memory_bound_mib"] = bound
+            record["within_memory_bound"] = None if peak is None else peak <= bound * 1.02 + 1
         for k in range(job["warmup"]):
             runs[k % 2]()
         times = [_time_ms(runs[k % 2], device) for k in range(job["repeats"])]

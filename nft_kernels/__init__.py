@@ -8,6 +8,7 @@ from .api import (
     nft_loss,
     ppo_clip_loss,
 )
+from .backend import extra_memory_bytes
 from .heads import HeadSpec
 from .modules import FusedLinearNFTLoss, FusedLinearPPOLoss, NFTLoss, PPOClipLoss
 
@@ -19,6 +20,7 @@ __all__ = [
     "HeadSpec",
     "NFTLoss",
     "PPOClipLoss",
+    "extra_memory_bytes",
     "fused_linear_logprobs",
     "fused_linear_nft_loss",
     "fused_linear_ppo_loss",

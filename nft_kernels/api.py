@@ -10,24 +10,36 @@ from __future__ import annotations
 import torch
 
 from . import validation as val
-from .autograd import FusedLinearHead, LossHead
-from .backend import resolve
+from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
+from .backend import engine, head_module
 from .heads import HeadSpec
 
 
-def _counted_rows(mask_flat, n, device):
-    if mask_flat is None:
-        return torch.arange(n, device=device, dtype=torch.int64)
-    return torch.nonzero(mask_flat, as_tuple=False).reshape(-1)
+def compact_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """int64 indices of the ``count`` True entries of ``mask``, in order, without a host
+    synchronisation (``torch.nonzero`` would wait for the device to learn the count)."""
+    n = mask.numel()
+    position = torch.cumsum(mask, 0) - 1
+    slot = torch.where(mask, position, torch.full_like(position, count))  # others: a spare slot
+    rows = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
+    rows.scatter_(0, slot, torch.arange(n, device=mask.device))
+    return rows[:count]
 
 
 def _reduce(loss_t, n_counted, reduction, lead_shape):
     if reduction == "none":
         return loss_t.reshape(lead_shape)
-    total = loss_t.sum()
-    if reduction == "mean":
-        return total / max(n_counted, 1)  # no counted token: 0, not NaN
-    return total
+    return loss_t.sum() * _reduction_scale(n_counted, reduction, loss_t.device)
+
+
+def _reduction_scale(n_counted, reduction, device):
+    """1 for "sum", 1 / counted tokens for "mean" (no counted token: 1, so the loss is 0, not
+    NaN); a device scalar, since the count may only be known on the device."""
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=device)
+    if isinstance(n_counted, torch.Tensor):
+        return 1.0 / n_counted.clamp(min=1).to(torch.float32)
+    return torch.full((), 1.0 / max(n_counted, 1), dtype=torch.float32, device=device)
 
 
 def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio) -> HeadSpec:
@@ -54,40 +66,70 @@ def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio) -> HeadSpec:
 
 
 def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, unit_names,
-           reduction, filter_eps, deterministic, impl, validate, compute_entropy):
+           reduction, filter_eps, deterministic, impl, mode, workspace_bytes, validate,
+           compute_entropy, scalar_loss):
     """Shared body of the fused entry points. ``per_token``: name -> tensor or None, in the
-    order (old_logprobs, reward-or-advantage, correct_rate)."""
+    order (old_logprobs, reward-or-advantage, correct_rate). ``scalar_loss``: only the reduced
+    loss is differentiated (its gradients may then be computed in the forward).
+
+    Host synchronisations: with ``validate=True`` one per call (every value check and the
+    number of counted tokens read back together); with ``validate=False`` none (a mask then
+    stays on the device: padded tokens go through the GEMMs with zero gradient instead of
+    being dropped before them; only the lean PyTorch path, a CPU fallback, compacts them on
+    the host)."""
     val.check_linear_inputs(hidden, weight, bias)
     val.check_scalar("temperature", temperature, low=0.0, low_open=True)
     val.check_reduction(reduction)
     val.check_filter_eps(filter_eps)
-    backend = resolve(impl, hidden.device)
+    dev = hidden.device
+    eng = engine(impl, mode, dev, weight.shape[0], filter_eps=filter_eps,
+                 deterministic=bool(deterministic), workspace_bytes=workspace_bytes)
     width = hidden.shape[-1]
     lead = tuple(hidden.shape[:-1])
-    dev = hidden.device
     h = hidden.reshape(-1, width)
     target = val.flatten_tokens("target", target, lead, dev, kind="index").contiguous()
     flat = {name: None if t is None else
             val.flatten_tokens(name, t, lead, dev).contiguous() for name, t in per_token.items()}
     mask_flat = None
     if mask is not None:
-        mask_flat = val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
+        mask_flat = (val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+
+    checks = val.ValueChecks()
     if validate:
-        counted = mask_flat
-        val.check_targets(target, weight.shape[0],
-                          counted if counted is not None else torch.ones_like(target, dtype=bool))
-        val.check_per_token_values(flat, unit_names, counted)
-        val.check_finite("hidden", h)
-        val.check_finite("weight", weight)
+        checks.targets(target, weight.shape[0], mask_flat)
+        checks.per_token_values(flat, unit_names, mask_flat)
+        checks.finite_tensor("hidden", h)
+        checks.finite_tensor("weight", weight)
         if bias is not None:
-            val.check_finite("bias", bias)
-    rows = _counted_rows(mask_flat, h.shape[0], dev)
+            checks.finite_tensor("bias", bias)
+    # The number of counted tokens, read with the checks: then padded tokens are dropped
+    # before any GEMM. Without validation it stays on the device (no synchronisation).
+    count_slot = None
+    if mask_flat is not None and (validate or not eng.takes_device_mask):
+        count_slot = checks.value(mask_flat.sum())
+    host = checks.run()
+    rows, device_mask, n_counted = None, None, h.shape[0]
+    if mask_flat is not None:
+        if count_slot is not None:
+            n_counted = int(host[count_slot])
+            rows = compact_rows(mask_flat, n_counted)
+        else:
+            device_mask, n_counted = mask_flat, mask_flat.sum()
     old, reward, rate = flat.values() if flat else (None, None, None)
-    loss_t, logp, entropy = FusedLinearHead.apply(
-        h, weight, bias, target, rows, old, reward, rate, spec, 1.0 / float(temperature),
-        compute_entropy, backend, filter_eps, bool(deterministic))
-    return _reduce(loss_t, rows.numel(), reduction, lead), logp.reshape(lead), \
-        entropy.reshape(lead)
+    inv_t = 1.0 / float(temperature)
+    want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    want = tuple(w and torch.is_grad_enabled() for w in want)
+    if scalar_loss and reduction != "none" and eng.grads_in_forward and any(want):
+        scale = _reduction_scale(n_counted, reduction, dev)
+        loss, logp, entropy = FusedLinearScalarLoss.apply(
+            h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
+            compute_entropy, eng, scale, want)
+    else:
+        loss_t, logp, entropy = FusedLinearHead.apply(
+            h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
+            compute_entropy, eng)
+        loss = _reduce(loss_t, n_counted, reduction, lead)
+    return loss, logp.reshape(lead), entropy.reshape(lead)
 
 
 @torch.compiler.disable
@@ -95,23 +137,31 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
                           *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
                           clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
                           reduction="sum", filter_eps=None, deterministic=False, impl="auto",
-                          validate=True, return_stats=False):
+                          mode="auto", workspace_bytes=None, validate=True, return_stats=False):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
 
     Per counted token: logp = log_softmax((h W^T + b) / T)[target];
     R = exp(min(logp - old, max_log_ratio)); r_hat = clamp(correct_rate, *rate_clamp);
     loss = w * (r * -log R + neg_weight * (1 - r) * -log max_st((1 - r_hat R)/(1 - r_hat), eps))
     with eps = clip_negative and w = 1, 1 - r_hat, sqrt((1 - r_hat)/r_hat) for normalize 0/1/2.
-    ``neg_weight=0, normalize=0`` is RFT. ``filter_eps`` skips gradient tiles whose
-    |onehot - p| < filter_eps (approximate); ``deterministic=True`` avoids atomics.
-    With ``return_stats=True`` also returns {"logprobs", "entropy"} per token (detached).
+    ``neg_weight=0, normalize=0`` is RFT.
+
+    ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
+    one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
+    its fp32 logits workspace is at most ``workspace_bytes`` (default 1 GiB on CUDA, 128 MiB
+    on CPU). ``"lean"`` runs the tile kernels (no workspace, logits recomputed in the
+    backward). ``filter_eps`` (lean only) skips gradient tiles whose |onehot - p| < filter_eps
+    (approximate); ``deterministic=True`` makes the lean backward atomic-free (the chunked
+    mode is deterministic anyway). With ``return_stats=True`` also returns
+    {"logprobs", "entropy"} per token (detached).
     """
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate},
         unit_names=("rewards", "correct_rate"), reduction=reduction, filter_eps=filter_eps,
-        deterministic=deterministic, impl=impl, validate=validate, compute_entropy=return_stats)
+        deterministic=deterministic, impl=impl, mode=mode, workspace_bytes=workspace_bytes,
+        validate=validate, compute_entropy=return_stats, scalar_loss=True)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
     return loss
@@ -121,21 +171,23 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
                           bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
                           clip_ratio_c=None, max_log_ratio=10.0, reduction="sum",
-                          filter_eps=None, deterministic=False, impl="auto", validate=True,
-                          return_stats=False):
+                          filter_eps=None, deterministic=False, impl="auto", mode="auto",
+                          workspace_bytes=None, validate=True, return_stats=False):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
     clip-higher (``clip_high=0.28``), the paper's baselines, on the same kernels.
 
     loss = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)) per counted token, with the
     optional dual clip ``clip_ratio_c``. Token-level aggregation ("sum" then divide by a global
-    token count, or "mean") is the caller's choice through ``reduction``.
+    token count, or "mean") is the caller's choice through ``reduction``. ``mode`` and the
+    other options as in ``fused_linear_nft_loss``.
     """
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None},
         unit_names=(), reduction=reduction, filter_eps=filter_eps, deterministic=deterministic,
-        impl=impl, validate=validate, compute_entropy=return_stats)
+        impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
+        compute_entropy=return_stats, scalar_loss=True)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
     return loss
@@ -143,18 +195,20 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
 
 @torch.compiler.disable
 def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
-                          return_entropy=False, mask=None, impl="auto", validate=True,
-                          deterministic=False):
+                          return_entropy=False, mask=None, impl="auto", mode="auto",
+                          workspace_bytes=None, validate=True, deterministic=False):
     """fp32 log pi(target) = log_softmax((h W^T + b) / T)[target] per token, differentiable
     (and the per-token entropy of the softmax, also differentiable, with return_entropy).
 
     Under ``torch.no_grad()`` this is how a trainer recomputes old log-probs with the same
-    kernel as the loss, so that on-policy R is exactly 1. Masked tokens return 0.
+    kernel as the loss, so that on-policy R is exactly 1 (use the same ``mode`` and
+    ``workspace_bytes`` as the loss for bit-identical values). Masked tokens return 0.
     """
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, HeadSpec(kind="none"), {},
         unit_names=(), reduction="none", filter_eps=None, deterministic=deterministic,
-        impl=impl, validate=validate, compute_entropy=return_entropy)
+        impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
+        compute_entropy=return_entropy, scalar_loss=False)
     del loss
     return (logp, entropy) if return_entropy else logp
 
@@ -171,12 +225,14 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
         mask_flat = (val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
     logp = logprobs.reshape(-1).contiguous()
     if validate:
-        val.check_no_nan("logprobs", logp, mask_flat)
-        val.check_per_token_values(flat, unit_names, mask_flat)
-    backend = resolve(impl, dev)
+        checks = val.ValueChecks()
+        checks.no_nan("logprobs", logp, mask_flat)
+        checks.per_token_values(flat, unit_names, mask_flat)
+        checks.run()
+    backend = head_module(impl, dev)
     values = list(flat.values()) + [None] * (3 - len(flat))
     loss_t = LossHead.apply(logp, *values, mask_flat, spec, backend)
-    n_counted = logp.numel() if mask_flat is None else int(mask_flat.sum())
+    n_counted = logp.numel() if mask_flat is None else mask_flat.sum()
     return _reduce(loss_t, n_counted, reduction, lead)
 
 

@@ -1,9 +1,14 @@
-"""The autograd Functions around the kernels.
+"""The autograd Functions around the engines (``backend.py``).
 
-``FusedLinearHead``: (hidden, weight, bias) -> per-token (loss, logp, entropy). Its backward
-folds every upstream gradient into two per-token scalars, g_logp = grad_loss * g + grad_logp
-and g_ent = grad_entropy, and hands them to one backward kernel; so the same Function serves
-the NFT and PPO heads and plain log-probs (with an entropy bonus if a caller wants one).
+``FusedLinearScalarLoss``: (hidden, weight, bias) -> a scalar loss (sum or mean of the
+per-token loss) whose gradients the chunked mode computes in the forward (6NHV); its backward
+only scales them by the upstream scalar.
+
+``FusedLinearHead``: (hidden, weight, bias) -> per-token (loss, logp, entropy), for per-token
+upstream gradients (``reduction="none"``, differentiable log-probs and entropy) and for the
+lean mode. Its backward folds every upstream gradient into two per-token scalars,
+g_logp = grad_loss * g + grad_logp and g_ent = grad_entropy, and hands them to the engine,
+which recomputes the logits.
 
 ``LossHead``: a head on log-probs the caller already has (``nft_loss``, ``ppo_clip_loss``).
 """
@@ -16,20 +21,60 @@ from torch.autograd.function import once_differentiable
 from .heads import HeadSpec
 
 
+def _cast(grad, like, needed):
+    return grad.to(like.dtype) if needed and grad is not None else None
+
+
+class FusedLinearScalarLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
+                spec: HeadSpec, inv_temperature: float, compute_entropy: bool, engine,
+                grad_scale, want):
+        loss_t, logp, entropy, dh, dw, db = engine.forward_with_grads(
+            hidden, weight, bias, target, rows, mask, old, reward, rate, spec, inv_temperature,
+            compute_entropy, want, grad_scale)
+        loss = loss_t.sum() * grad_scale
+        # Cast the fp32 accumulators one at a time, dropping each before the next cast, so the
+        # peak holds one fp32 buffer fewer. (For fp32 inputs .to() is a no-op.)
+        grad_hidden = _cast(dh, hidden, want[0])
+        del dh
+        grad_weight = _cast(dw, weight, want[1])
+        del dw
+        grad_bias = _cast(db, bias, want[2])
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]
+        ctx.mark_non_differentiable(logp, entropy)
+        return loss, logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_logp, grad_entropy):
+        del grad_logp, grad_entropy  # detached outputs (return_stats)
+        if ctx.grads is None:
+            raise RuntimeError(
+                "backward ran twice through a chunked-mode loss (retain_graph=True): its "
+                "gradients were computed in the forward and are handed out once; use "
+                "mode='lean' to differentiate the same loss more than once")
+        grads, ctx.grads = ctx.grads, None
+        # The gradients are of the loss itself; scale them in place by the upstream scalar.
+        for g in grads:
+            if g is not None:
+                g.mul_(grad_loss.to(g.dtype))
+        return tuple(grads) + (None,) * 12
+
+
 class FusedLinearHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpec,
-                inv_temperature: float, compute_entropy: bool, backend, filter_eps,
-                deterministic: bool):
-        logp, lse, entropy, loss, g = backend.forward(
-            hidden, weight, bias, target, rows, old, reward, rate, spec, inv_temperature,
+    def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
+                spec: HeadSpec, inv_temperature: float, compute_entropy: bool, engine):
+        loss, logp, entropy, g, state = engine.forward(
+            hidden, weight, bias, target, rows, mask, old, reward, rate, spec, inv_temperature,
             compute_entropy)
-        ctx.save_for_backward(hidden, weight, bias, target, rows, lse, entropy, g)
-        ctx.backend = backend
+        ctx.save_for_backward(hidden, weight, bias, target, rows, mask, g, *state)
+        ctx.n_state = len(state)
+        ctx.engine = engine
         ctx.inv_temperature = inv_temperature
-        ctx.filter_eps = filter_eps
-        ctx.deterministic = deterministic
         ctx.compute_entropy = compute_entropy
+        ctx.set_materialize_grads(False)  # unused outputs give None: no work, no sync
         if not compute_entropy:
             ctx.mark_non_differentiable(entropy)
         return loss, logp, entropy
@@ -37,27 +82,31 @@ class FusedLinearHead(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_logp, grad_entropy):
-        hidden, weight, bias, target, rows, lse, entropy, g = ctx.saved_tensors
-        g_logp = torch.zeros_like(lse)
+        hidden, weight, bias, target, rows, mask, g, *state = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        want = (needs[0], needs[1], bias is not None and needs[2])
+        g_logp = torch.zeros_like(g)
         if grad_loss is not None:
             g_logp += grad_loss.float() * g
         if grad_logp is not None:
             g_logp += grad_logp.float()
         g_ent = None
-        if ctx.compute_entropy and grad_entropy is not None and bool((grad_entropy != 0).any()):
-            g_ent = grad_entropy.float().contiguous()
-        dh, dw, db = ctx.backend.backward(
-            hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
-            ctx.inv_temperature, ctx.filter_eps, ctx.deterministic)
-        # Cast the fp32 accumulators one at a time, dropping each before the next cast, so the
-        # peak holds one fp32 buffer fewer. (For fp32 inputs .to() is a no-op.)
-        needs = ctx.needs_input_grad
-        grad_hidden = dh.to(hidden.dtype) if needs[0] else None
+        if ctx.compute_entropy and grad_entropy is not None:
+            g_ent = grad_entropy.float()
+        if mask is not None:  # padded rows: their outputs are constants (0)
+            g_logp = torch.where(mask, g_logp, torch.zeros_like(g_logp))
+            if g_ent is not None:
+                g_ent = torch.where(mask, g_ent, torch.zeros_like(g_ent))
+        if g_ent is not None:
+            g_ent = g_ent.contiguous()
+        dh, dw, db = ctx.engine.backward(hidden, weight, bias, target, rows, mask, state,
+                                         g_logp.contiguous(), g_ent, ctx.inv_temperature, want)
+        grad_hidden = _cast(dh, hidden, want[0])
         del dh
-        grad_weight = dw.to(weight.dtype) if needs[1] else None
+        grad_weight = _cast(dw, weight, want[1])
         del dw
-        grad_bias = db.to(bias.dtype) if bias is not None and needs[2] else None
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11
+        grad_bias = _cast(db, bias, want[2])
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 10
 
 
 class LossHead(torch.autograd.Function):

@@ -1,8 +1,18 @@
-"""Which implementation runs: the Triton kernels or the chunked PyTorch path.
+"""What runs: an implementation (Triton kernels or PyTorch) in an execution mode.
 
-``impl="auto"`` picks Triton for CUDA tensors, and for CPU tensors when ``TRITON_INTERPRET=1``
-was set before the kernels were first used (the Triton interpreter); otherwise the chunked
-PyTorch path. ``impl="triton"`` / ``impl="torch"`` force one.
+``impl``: ``"auto"`` picks Triton for CUDA tensors, and for CPU tensors when
+``TRITON_INTERPRET=1`` was set before the kernels were first used (the Triton interpreter);
+otherwise PyTorch. ``"triton"`` / ``"torch"`` force one.
+
+``mode``:
+- ``"chunked"`` (what ``"auto"`` picks): vendor GEMMs on chunks of rows around one fused row
+  kernel (``chunked.py``); gradients of a scalar loss are computed in the forward (6NHV).
+  Extra memory: the workspace (``workspace_bytes``, default 1 GiB on CUDA and 128 MiB on CPU,
+  never more than the counted rows need) + an fp32 dW for 16-bit weights + O(N).
+- ``"lean"``: the tile kernels (``ops/forward.py`` and the backward kernels), which never hold
+  more than a tile of logits; the backward recomputes them (8NHV). Extra memory: fp32 dH and
+  dW accumulators + O(N). ``filter_eps`` (gradient filtering per tile) needs this mode, so
+  ``"auto"`` picks it when ``filter_eps`` is given.
 """
 
 from __future__ import annotations
@@ -12,9 +22,11 @@ import os
 
 import torch
 
-from . import chunked_torch
+from . import chunked, lean_torch
+from .heads import HeadSpec
 
 IMPLS = ("auto", "triton", "torch")
+MODES = ("auto", "chunked", "lean")
 
 
 def triton_installed() -> bool:
@@ -31,12 +43,12 @@ def _triton_module():
     return triton_launch
 
 
-def resolve(impl: str, device: torch.device):
-    """The module (``triton_launch`` or ``chunked_torch``) that will run on ``device``."""
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``"triton"`` or ``"torch"``: the implementation that will run on ``device``."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "torch":
-        return chunked_torch
+        return "torch"
     usable = triton_installed() and (device.type == "cuda" or interpreter_requested())
     if impl == "triton" and not usable:
         why = ("Triton is not installed" if not triton_installed() else
@@ -44,11 +56,173 @@ def resolve(impl: str, device: torch.device):
                "(set it before importing Triton to run the kernels on CPU)")
         raise ValueError(f"impl='triton' cannot run here: {why}")
     if not usable:
-        return chunked_torch
-    module = _triton_module()
-    if device.type != "cuda" and not module.INTERPRET:
+        return "torch"
+    if device.type != "cuda" and not _triton_module().INTERPRET:
         if impl == "triton":
             raise ValueError("impl='triton' on CPU needs TRITON_INTERPRET=1 set before "
                              "nft_kernels first launched a kernel")
-        return chunked_torch
-    return module
+        return "torch"
+    return "triton"
+
+
+def head_module(impl: str, device: torch.device):
+    """The module whose ``head_forward`` runs a loss head on given log-probs."""
+    return _triton_module() if resolve_impl(impl, device) == "triton" else lean_torch
+
+
+def resolve_mode(mode: str, filter_eps) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "auto":
+        return "lean" if filter_eps is not None else "chunked"
+    if mode == "chunked" and filter_eps is not None:
+        raise ValueError("filter_eps skips gradient tiles of the lean mode; it does not apply "
+                         "to mode='chunked' (use mode='lean' or mode='auto', or drop filter_eps)")
+    return mode
+
+
+def check_workspace_bytes(workspace_bytes, device: torch.device) -> int:
+    if workspace_bytes is None:
+        return chunked.default_workspace_bytes(device)
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be an int (bytes) or None, got "
+                        f"{type(workspace_bytes).__name__}")
+    if workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
+    return workspace_bytes
+
+
+class ChunkedEngine:
+    """``mode="chunked"``: see ``chunked.py``."""
+
+    mode = "chunked"
+    grads_in_forward = True
+    takes_device_mask = True
+
+    def __init__(self, impl: str, workspace_bytes: int):
+        self.impl, self.workspace_bytes = impl, workspace_bytes
+
+    def _run(self, *args, **kwargs):
+        return chunked.run(*args, row_op=self.impl, workspace_bytes=self.workspace_bytes,
+                           **kwargs)
+
+    def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate, spec,
+                inv_temperature, compute_entropy):
+        """Per-token (loss, logp, entropy, g) and the state the backward needs."""
+        out, _, _, _ = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
+                                 spec, inv_temperature, compute_entropy, stats=True,
+                                 write_grads=(False, False, False))
+        return (out["loss"], out["logp"], out["entropy"], out["g"],
+                (out["rowmax"], out["logsum"], out["entropy"]))
+
+    def forward_with_grads(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
+                           spec, inv_temperature, compute_entropy, want, grad_scale):
+        """Per-token (loss, logp, entropy) and the gradients of sum(loss) * grad_scale."""
+        out, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
+                                    spec, inv_temperature, compute_entropy, stats=True,
+                                    write_grads=want, grad_scale=grad_scale)
+        return out["loss"], out["logp"], out["entropy"], dh, dw, db
+
+    def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
+                 inv_temperature, want):
+        _, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, None, None, None,
+                                  HeadSpec(), inv_temperature, False, stats=False,
+                                  write_grads=want,
+                                  saved=state, g_logp=g_logp, g_ent=g_ent)
+        return dh, dw, db
+
+
+class LeanEngine:
+    """``mode="lean"``: the tile kernels (Triton) or their PyTorch equivalent."""
+
+    mode = "lean"
+    grads_in_forward = False
+
+    def __init__(self, impl: str, filter_eps, deterministic: bool):
+        self.impl, self.filter_eps, self.deterministic = impl, filter_eps, deterministic
+        self.module = _triton_module() if impl == "triton" else lean_torch
+        # The tile kernels can leave padded rows in place (g = 0 there); the PyTorch path
+        # compacts them on the host.
+        self.takes_device_mask = impl == "triton"
+
+    @staticmethod
+    def _rows(rows, n, device):
+        return rows if rows is not None else torch.arange(n, device=device)
+
+    def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate, spec,
+                inv_temperature, compute_entropy):
+        logp, lse, entropy, loss, g = self.module.forward(
+            hidden, weight, bias, target, self._rows(rows, hidden.shape[0], hidden.device), old,
+            reward, rate, spec, inv_temperature, compute_entropy)
+        if mask is not None:  # padded rows left in place: their values count for nothing
+            logp, lse, entropy, loss, g = (torch.where(mask, t, torch.zeros_like(t))
+                                           for t in (logp, lse, entropy, loss, g))
+        return loss, logp, entropy, g, (lse, entropy)
+
+    def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
+                 inv_temperature, want):
+        del mask, want  # g_logp / g_ent are already 0 on padded rows
+        lse, entropy = state
+        return self.module.backward(hidden, weight, bias, target,
+                                    self._rows(rows, hidden.shape[0], hidden.device), lse,
+                                    entropy, g_logp, g_ent, inv_temperature, self.filter_eps,
+                                    self.deterministic)
+
+
+def engine(impl: str, mode: str, device: torch.device, vocab: int, *, filter_eps=None,
+           deterministic: bool = False, workspace_bytes=None):
+    """The engine that runs a fused call: ``ChunkedEngine`` or ``LeanEngine``. ``"auto"``
+    falls back to the lean mode when the workspace cannot hold one row of logits."""
+    which = resolve_impl(impl, device)
+    chosen = resolve_mode(mode, filter_eps)
+    budget = check_workspace_bytes(workspace_bytes, device)
+    if chosen == "chunked" and budget < 4 * vocab:
+        if mode == "chunked":
+            raise ValueError(f"workspace_bytes={budget} cannot hold one row of fp32 logits "
+                             f"(4 * V = {4 * vocab} bytes); raise it or use mode='lean'")
+        chosen = "lean"
+    if chosen == "chunked":
+        return ChunkedEngine(which, budget)
+    return LeanEngine(which, filter_eps, deterministic)
+
+
+def extra_memory_bytes(n_tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype,
+                       mode: str = "chunked", *, impl: str = "auto", device="cuda",
+                       workspace_bytes=None, counted_tokens=None, bias: bool = False) -> int:
+    """Upper bound of the memory one fused loss call with gradients allocates beyond its
+    inputs, the returned gradients included: the formula the bench checks each mode against.
+
+    grads = (N H + V H [+ V]) x itemsize of the inputs; O(N) = 64 N bytes of per-token vectors.
+    chunked: grads + workspace + fp32 dW (16-bit weights) + gathered rows + O(N), where
+        workspace = min(n, C) V x 4 bytes, C = workspace_bytes // (4 V) rows, n = counted tokens;
+        fp32 dW = 4 (V H [+ V]) (fp32 weights accumulate into the returned gradient);
+        gathered rows = min(n, C) H x itemsize (a chunk of counted rows, when a mask drops some);
+        the PyTorch row math adds 16 MiB of temporaries, and on CPU 16-bit inputs add an fp32
+        copy of the weight (4 V H).
+    lean: grads + fp32 dH and dW accumulators (4 N H + 4 V H [+ 4 V]) + O(N); the PyTorch path
+        adds 16 temporaries of [n, slice] fp32 logits (4 MiB each).
+    """
+    device = torch.device(device)
+    which = resolve_impl(impl, device)
+    item = torch.empty((), dtype=dtype).element_size()
+    n = n_tokens if counted_tokens is None else counted_tokens
+    grads = (n_tokens * hidden_size + vocab * hidden_size + (vocab if bias else 0)) * item
+    per_token = 64 * n_tokens
+    fp32_dw = 4 * (vocab * hidden_size + (vocab if bias else 0))
+    if resolve_mode(mode, None) == "lean":
+        total = grads + 4 * n_tokens * hidden_size + fp32_dw + per_token
+        if which == "torch":
+            total += 16 * 4 * lean_torch.CHUNK_ELEMENTS
+        return total
+    budget = check_workspace_bytes(workspace_bytes, device)
+    workspace = chunked.workspace_bytes_needed(n, vocab, budget)
+    total = grads + workspace + per_token
+    if n < n_tokens:
+        total += workspace // (4 * vocab) * hidden_size * item
+    if dtype != torch.float32:
+        total += fp32_dw
+        if device.type != "cuda":
+            total += 4 * vocab * hidden_size
+    if which == "torch":
+        total += 16 << 20
+    return total

@@ -15,6 +15,7 @@ from .heads import HeadSpec
 from .ops.backward_atomic import fused_linear_backward_atomic_kernel
 from .ops.backward_dh import fused_linear_backward_dh_kernel
 from .ops.backward_dw import fused_linear_backward_dw_kernel
+from .ops.chunk_rows import chunk_rows_kernel
 from .ops.forward import fused_linear_forward_kernel
 from .ops.loss_head import loss_head_kernel
 
@@ -27,6 +28,9 @@ _GPU_FORWARD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stage
 _GPU_BACKWARD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
 _INTERPRET_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
 GROUP = 8
+# Row kernel of the chunked mode: one program per row, the row streamed in BLOCK_V blocks.
+_GPU_CHUNK_ROWS = dict(BLOCK_V=2048, num_warps=8, num_stages=1)
+_INTERPRET_CHUNK_ROWS = dict(BLOCK_V=64)
 
 
 def _tiles(forward: bool) -> dict:
@@ -119,3 +123,32 @@ def head_forward(logp, old, reward, rate, mask, spec: HeadSpec):
         HEAD=spec.code, NORMALIZE=int(spec.normalize), HAS_MASK=mask is not None, BLOCK=block,
     )
     return loss, g
+
+
+def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, scale, spec: HeadSpec,
+               inv_temperature, compute_entropy, stats, write_dz, out, saved=None, g_logp=None,
+               g_ent=None, bias32=None):
+    """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py)."""
+    del bias32  # the kernel reads the bias in its own dtype
+    c = ws.shape[0]
+    if c == 0:
+        return
+    dev = ws.device
+    dummy = _dummy(dev)
+    if stats:
+        per_token = [out[k] for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")]
+    else:
+        rowmax, logsum, entropy = saved
+        per_token = [dummy, rowmax, logsum, entropy if entropy is not None else dummy,
+                     dummy, dummy]
+    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    config = dict(_INTERPRET_CHUNK_ROWS if INTERPRET else _GPU_CHUNK_ROWS)
+    chunk_rows_kernel[(c,)](
+        ws, dz, ws.stride(0), dz.stride(0),
+        opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate), scale,
+        *per_token, opt(g_logp), opt(g_ent),
+        ws.shape[1], float(inv_temperature), **spec.kernel_scalars(),
+        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STATS=bool(stats),
+        WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
+        COMPUTE_ENTROPY=bool(compute_entropy), HAS_ENT_GRAD=g_ent is not None, **config,
+    )

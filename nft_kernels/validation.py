@@ -1,7 +1,8 @@
 """Input validation: every bad argument fails here with its name, never inside a kernel.
 
 Shape, dtype and device checks are cheap and always run. Value checks (ranges, finiteness,
-target ids) read the data and synchronize with the GPU; ``validate=False`` skips them.
+target ids) read the data: they run on the device and are read back together, one
+synchronisation with the GPU per call (``ValueChecks``); ``validate=False`` skips them.
 """
 
 from __future__ import annotations
@@ -82,53 +83,91 @@ def flatten_tokens(name, value, lead_shape, device, *, kind="float"):
     return value.reshape(-1)
 
 
-def check_finite(name, value, where=None):
-    bad = ~torch.isfinite(value)
-    if where is not None:
-        bad = bad & where
-    if bool(bad.any()):
-        raise ValueError(f"{name} contains NaN or Inf values "
-                         f"({int(bad.sum())} of {value.numel()})")
+class ValueChecks:
+    """Value checks of one call, read back together: each check leaves a 0-d device tensor
+    that is nonzero when it failed, and ``run`` copies them all to the host at once (one
+    synchronisation per call however many checks there are), then raises the first failure
+    with its message (details such as counts are computed only then). ``value`` adds other
+    scalars to the same transfer (the number of counted tokens)."""
+
+    def __init__(self):
+        self._failed, self._explain, self._values = [], [], []
+
+    def add(self, failed: torch.Tensor, explain) -> None:
+        self._failed.append(failed.reshape(()).to(torch.float64))
+        self._explain.append(explain)
+
+    def value(self, scalar: torch.Tensor) -> int:
+        self._values.append(scalar.reshape(()).to(torch.float64))
+        return len(self._values) - 1
+
+    def run(self) -> list[float]:
+        everything = self._failed + self._values
+        if not everything:
+            return []
+        host = torch.stack(everything).tolist()
+        for failed, explain in zip(host, self._explain):
+            if failed:
+                raise ValueError(explain())
+        return host[len(self._failed):]
+
+    # -- the checks --------------------------------------------------------------------------
+    def finite_tensor(self, name, value):
+        """NaN or Inf anywhere in a (large) tensor: the inf-norm is finite iff every element is,
+        and is computed without a temporary of the tensor's size."""
+        if value.numel() == 0:
+            return
+        norm = torch.linalg.vector_norm(value.detach(), ord=float("inf"), dtype=torch.float32)
+        self.add(~torch.isfinite(norm), lambda: _finite_message(name, value, None))
+
+    def finite(self, name, value, where=None):
+        bad = _masked(~torch.isfinite(value), where)
+        self.add(bad.any(), lambda: _finite_message(name, value, where))
+
+    def no_nan(self, name, value, where=None):
+        bad = _masked(torch.isnan(value), where)
+        self.add(bad.any(), lambda: f"{name} contains NaN values "
+                                    f"({int(bad.sum())} of {value.numel()})")
+
+    def unit_interval(self, name, value, where=None):
+        bad = _masked(~((value >= 0) & (value <= 1)), where)  # NaN fails too
+
+        def explain():
+            first = value[bad][0].item()
+            return (f"{name} must lie in [0, 1] on counted tokens; found {first!r} "
+                    f"({int(bad.sum())} values outside)")
+        self.add(bad.any(), explain)
+
+    def per_token_values(self, tensors, unit_names, where):
+        """Per-token inputs on counted tokens: rewards / rates in [0, 1], old log-probs not
+        NaN (-inf is a valid log-prob), anything else (advantages) finite."""
+        for name, value in tensors.items():
+            if value is None:
+                continue
+            if name in unit_names:
+                self.unit_interval(name, value, where)
+            elif name == "old_logprobs":
+                self.no_nan(name, value, where)
+            else:
+                self.finite(name, value, where)
+
+    def targets(self, target, vocab, where):
+        bad = _masked((target < 0) | (target >= vocab), where)
+
+        def explain():
+            first = target[bad][0].item()
+            return (f"target must lie in [0, {vocab}) on counted tokens; found {first} "
+                    f"({int(bad.sum())} ids outside)")
+        self.add(bad.any(), explain)
 
 
-def check_no_nan(name, value, where=None):
-    bad = torch.isnan(value)
-    if where is not None:
-        bad = bad & where
-    if bool(bad.any()):
-        raise ValueError(f"{name} contains NaN values ({int(bad.sum())} of {value.numel()})")
+def _masked(bad, where):
+    return bad if where is None else bad & where
 
 
-def check_unit_interval(name, value, where=None):
-    bad = ~((value >= 0) & (value <= 1))  # NaN fails too
-    if where is not None:
-        bad = bad & where
-    if bool(bad.any()):
-        first = value[bad][0].item()
-        raise ValueError(f"{name} must lie in [0, 1] on counted tokens; found {first!r} "
-                         f"({int(bad.sum())} values outside)")
-
-
-def check_per_token_values(tensors, unit_names, where):
-    """Value checks of the per-token inputs on counted tokens: rewards / rates in [0, 1],
-    old log-probs not NaN (-inf is a valid log-prob), anything else (advantages) finite."""
-    for name, value in tensors.items():
-        if value is None:
-            continue
-        if name in unit_names:
-            check_unit_interval(name, value, where)
-        elif name == "old_logprobs":
-            check_no_nan(name, value, where)
-        else:
-            check_finite(name, value, where)
-
-
-def check_targets(target, vocab, where):
-    bad = ((target < 0) | (target >= vocab)) & where
-    if bool(bad.any()):
-        first = target[bad][0].item()
-        raise ValueError(f"target must lie in [0, {vocab}) on counted tokens; found {first} "
-                         f"({int(bad.sum())} ids outside)")
+def _finite_message(name, value, where):
+    bad = _masked(~torch.isfinite(value), where)
+    return f"{name} contains NaN or Inf values ({int(bad.sum())} of {value.numel()})"
 
 
 def check_linear_inputs(hidden, weight, bias):

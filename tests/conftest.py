@@ -15,11 +15,21 @@ if not torch.cuda.is_available():
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 IMPLS = ["triton", "torch"]
+MODES = ["chunked", "lean"]
+# Every implementation in every execution mode: the Triton kernels (the chunked mode's row
+# kernel, the lean mode's tile kernels) and their PyTorch equivalents.
+ENGINES = [dict(impl=impl, mode=mode) for impl in IMPLS for mode in MODES]
 
 
 @pytest.fixture(params=IMPLS)
 def impl(request):
     return request.param
+
+
+@pytest.fixture(params=ENGINES, ids=lambda e: f"{e['impl']}-{e['mode']}")
+def engine(request):
+    """Keyword arguments selecting an implementation and a mode: ``f(..., **engine)``."""
+    return dict(request.param)
 
 
 @pytest.fixture

@@ -112,8 +112,8 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="impl='triton' cannot run here"):
-        backend.resolve("triton", torch.device("cpu"))
-    assert backend.resolve("auto", torch.device("cpu")).__name__.endswith("chunked_torch")
+        backend.resolve_impl("triton", torch.device("cpu"))
+    assert backend.resolve_impl("auto", torch.device("cpu")) == "torch"
 
 
 def test_device_mismatch_is_named(problem):

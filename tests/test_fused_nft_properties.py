@@ -1,7 +1,9 @@
 """Property tests: the fused NFT / PPO losses and their gradients against float64 autograd.
 
-Both implementations run: the Triton kernels (interpreted on CPU, compiled on a GPU) and the
-chunked PyTorch path. Sizes include primes and sizes that are no multiple of any tile.
+Both implementations run in both execution modes (the ``engine`` fixture): the Triton kernels
+(interpreted on CPU, compiled on a GPU) and their PyTorch equivalents, in the chunked mode
+(vendor GEMMs + row kernel, gradients in the forward) and the lean mode (tile kernels). Sizes include
+primes and sizes that are no multiple of any tile or chunk.
 """
 
 import math
@@ -64,25 +66,38 @@ def _check_against_reference(p, loss, ref, dtype, loss_scale):
     clip_negative=st.sampled_from([1.0, 0.5, 0.1]), neg_weight=st.sampled_from([1.0, 0.0, 0.5]),
     rates=st.sampled_from([(0.0, 1.0), (0.0, 0.03), (0.97, 1.0)]),
     log_ratio_range=st.sampled_from([(-0.5, 0.5), (-3.0, 3.0), (8.0, 12.0)]),
-    reduction=st.sampled_from(["sum", "mean"]), deterministic=st.booleans(),
-    seed=st.integers(0, 2**16),
+    reduction=st.sampled_from(["sum", "mean", "none"]), deterministic=st.booleans(),
+    chunk=st.sampled_from([None, 1, 7]), validate=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_fused_nft_matches_float64_reference(impl, device, n, h, v, dtype, temperature, bias,
+def test_fused_nft_matches_float64_reference(engine, device, n, h, v, dtype, temperature, bias,
                                              reward_kind, mask_kind, normalize, clip_negative,
                                              neg_weight, rates, log_ratio_range, reduction,
-                                             deterministic, seed):
+                                             deterministic, chunk, validate, seed):
+    """``chunk``: rows per chunk of the chunked mode (None: all in one; 1 and 7 cross chunk
+    boundaries). ``validate=False`` leaves a mask on the device: padded rows are computed and
+    must count for nothing. ``reduction="none"`` is differentiated through random per-token
+    weights (the per-token upstream gradients of the recompute path)."""
     p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias, temperature=temperature,
                      reward_kind=reward_kind, mask_kind=mask_kind, rate_range=rates,
                      log_ratio_range=log_ratio_range)
     opts = dict(temperature=temperature, normalize=normalize, clip_negative=clip_negative,
                 neg_weight=neg_weight, reduction=reduction)
+    upstream = torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(device)
     loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
-                                 p["rate"], p["mask"], bias=p["bias"], impl=impl,
-                                 deterministic=deterministic, **opts)
+                                 p["rate"], p["mask"], bias=p["bias"], **engine,
+                                 deterministic=deterministic, validate=validate,
+                                 workspace_bytes=None if chunk is None else 4 * v * chunk, **opts)
+    if reduction == "none":
+        assert loss.shape == (n,)
+        loss = (loss * upstream).sum()
     loss.backward()
-    ref = reference_with_grads(reference_nft_loss, p["hidden"], p["weight"], p["target"],
-                               p["old"], p["rewards"], p["rate"], p["mask"], bias=p["bias"],
-                               **opts)
+
+    def objective(*args, **kwargs):
+        out = reference_nft_loss(*args, **kwargs)
+        return (out * upstream.double().cpu()).sum() if reduction == "none" else out
+
+    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"], p["old"],
+                               p["rewards"], p["rate"], p["mask"], bias=p["bias"], **opts)
     per_token = reference_nft_loss(p["hidden"].detach(), p["weight"].detach(), p["target"],
                                    p["old"], p["rewards"], p["rate"], p["mask"],
                                    bias=None if p["bias"] is None else p["bias"].detach(),
@@ -95,16 +110,18 @@ def test_fused_nft_matches_float64_reference(impl, device, n, h, v, dtype, tempe
     n=st.integers(1, 40), h=st.sampled_from([5, 16, 29]), v=st.sampled_from([3, 50, 127]),
     dtype=st.sampled_from(DTYPES), bias=st.booleans(),
     clips=st.sampled_from([(0.2, 0.2), (0.2, 0.28)]), clip_ratio_c=st.sampled_from([None, 3.0]),
-    log_ratio_range=st.sampled_from([(-0.1, 0.1), (-1.0, 1.0)]), seed=st.integers(0, 2**16),
+    log_ratio_range=st.sampled_from([(-0.1, 0.1), (-1.0, 1.0)]),
+    chunk=st.sampled_from([None, 1, 5]), seed=st.integers(0, 2**16),
 )
-def test_fused_ppo_matches_float64_reference(impl, device, n, h, v, dtype, bias, clips,
-                                             clip_ratio_c, log_ratio_range, seed):
+def test_fused_ppo_matches_float64_reference(engine, device, n, h, v, dtype, bias, clips,
+                                             clip_ratio_c, log_ratio_range, chunk, seed):
     p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias,
                      log_ratio_range=log_ratio_range)
     advantages = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(device)
     opts = dict(clip_low=clips[0], clip_high=clips[1], clip_ratio_c=clip_ratio_c)
     loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"], advantages,
-                                 p["mask"], bias=p["bias"], impl=impl, **opts)
+                                 p["mask"], bias=p["bias"], **engine, **opts,
+                                 workspace_bytes=None if chunk is None else 4 * v * chunk)
     loss.backward()
     ref = reference_with_grads(reference_ppo_loss, p["hidden"], p["weight"], p["target"],
                                p["old"], advantages, p["mask"], bias=p["bias"], **opts)
@@ -115,15 +132,16 @@ def test_fused_ppo_matches_float64_reference(impl, device, n, h, v, dtype, bias,
 @given(n=st.integers(1, 33), h=st.sampled_from([3, 16, 20]), v=st.sampled_from([1, 17, 130]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(),
        temperature=st.sampled_from([1.0, 0.5]), logit_scale=st.sampled_from([1.0, 30.0]),
-       seed=st.integers(0, 2**16))
-def test_logprobs_and_entropy_with_gradients(impl, device, n, h, v, dtype, bias, temperature,
-                                             logit_scale, seed):
+       chunk=st.sampled_from([None, 1, 6]), seed=st.integers(0, 2**16))
+def test_logprobs_and_entropy_with_gradients(engine, device, n, h, v, dtype, bias, temperature,
+                                             logit_scale, chunk, seed):
     """fused_linear_logprobs: values and the gradient of logp + c * entropy (entropy bonus)."""
     p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias, temperature=temperature,
                      logit_scale=logit_scale)
     logp, entropy = fused_linear_logprobs(p["hidden"], p["weight"], p["target"], bias=p["bias"],
                                           temperature=temperature, return_entropy=True,
-                                          impl=impl)
+                                          **engine, workspace_bytes=None if chunk is None
+                                          else 4 * v * chunk)
     assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
     (logp.sum() - 0.3 * entropy.sum()).backward()
 
@@ -147,13 +165,16 @@ def test_logprobs_and_entropy_with_gradients(impl, device, n, h, v, dtype, bias,
         assert_close_scaled(p["bias"].grad, ref_db, GRAD_RTOL[dtype], "d bias", floor_db)
 
 
-def test_triton_and_torch_paths_agree_on_reduction_none(device):
+def test_every_implementation_and_mode_agree_on_reduction_none(device):
+    from conftest import ENGINES
+
     p = make_problem(29, 19, 83, torch.float32, device, seed=3, bias=True)
     outs = [fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
                                   p["rate"], p["mask"], bias=p["bias"], reduction="none",
-                                  impl=impl) for impl in ("triton", "torch")]
+                                  **engine) for engine in ENGINES]
     assert outs[0].shape == (29,)
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    for other in outs[1:]:
+        torch.testing.assert_close(outs[0], other, rtol=1e-5, atol=1e-5)
     assert (outs[0][~p["mask"]] == 0).all()
 
 
@@ -164,7 +185,7 @@ def test_gradient_filtering_error_is_bounded(impl, device, filter_eps):
     p = make_problem(24, 16, 300, torch.float32, device, seed=11, logit_scale=8.0,
                      mask_kind="all")
     loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
-                                 p["rate"], impl=impl, filter_eps=filter_eps)
+                                 p["rate"], impl=impl, mode="lean", filter_eps=filter_eps)
     loss.backward()
     _, ref_dh, ref_dw, _ = reference_with_grads(reference_nft_loss, p["hidden"], p["weight"],
                                                 p["target"], p["old"], p["rewards"], p["rate"])
@@ -178,14 +199,14 @@ def test_gradient_filtering_error_is_bounded(impl, device, filter_eps):
     assert (p["weight"].grad.double().cpu() - ref_dw.cpu()).abs().max() <= bound_dw
 
 
-def test_deterministic_mode_is_bitwise_repeatable(impl, device):
+def test_deterministic_mode_is_bitwise_repeatable(engine, device):
     p = make_problem(40, 24, 150, torch.float32, device, seed=5, bias=True)
     grads = []
     for _ in range(2):
         for t in (p["hidden"], p["weight"], p["bias"]):
             t.grad = None
         fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
-                              p["rate"], p["mask"], bias=p["bias"], impl=impl,
+                              p["rate"], p["mask"], bias=p["bias"], **engine,
                               deterministic=True).backward()
         grads.append([t.grad.clone() for t in (p["hidden"], p["weight"], p["bias"])])
     for a, b in zip(*grads):

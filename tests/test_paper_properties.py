@@ -14,10 +14,10 @@ from nft_kernels import (
 )
 
 
-def _on_policy(p, impl):
+def _on_policy(p, engine):
     with torch.no_grad():  # old log-probs from the same kernel: R is exactly 1
         return fused_linear_logprobs(p["hidden"], p["weight"], p["target"], bias=p["bias"],
-                                     impl=impl)
+                                     **engine)
 
 
 def _grads_of(loss, p):
@@ -29,31 +29,31 @@ def _grads_of(loss, p):
     (2, lambda r, rh: (r - rh) / torch.sqrt(rh * (1 - rh))),  # GRPO (std-normalized)
     (1, lambda r, rh: r - rh),                                 # Dr. GRPO (no std)
 ])
-def test_prop_4_2_on_policy_nft_gradient_equals_grpo(impl, device, normalize, advantage):
+def test_prop_4_2_on_policy_nft_gradient_equals_grpo(engine, device, normalize, advantage):
     """Prop. 4.2: on-policy, the NFT gradient with omega = sqrt((1-r)/r) is GRPO's, and with
     omega = 1 - r_hat it is Dr. GRPO's (group advantage without std scaling)."""
     p = make_problem(48, 24, 90, torch.float32, device, seed=1, bias=True,
                      rate_range=(0.05, 0.95))
-    old = _on_policy(p, impl)
+    old = _on_policy(p, engine)
     r, rate = p["rewards"], p["rate"]
     nft = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], old, r, rate, p["mask"],
-                                bias=p["bias"], normalize=normalize, impl=impl)
+                                bias=p["bias"], normalize=normalize, **engine)
     ppo = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], old, advantage(r, rate),
-                                p["mask"], bias=p["bias"], impl=impl)
+                                p["mask"], bias=p["bias"], **engine)
     for a, b in zip(_grads_of(nft, p), _grads_of(ppo, p)):
         assert a.abs().max() > 0
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_rft_gradient_equals_sft_on_positive_tokens(impl, device):
+def test_rft_gradient_equals_sft_on_positive_tokens(engine, device):
     """neg_weight = 0, omega = 1 (RFT): the gradient is maximum likelihood on positives, also
     off-policy (d(-log R)/dlogp = -1 while the ratio is not clamped)."""
     p = make_problem(40, 16, 70, torch.float32, device, seed=2, log_ratio_range=(-2.0, 2.0))
     rft = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
-                                p["rate"], p["mask"], neg_weight=0.0, normalize=0, impl=impl)
+                                p["rate"], p["mask"], neg_weight=0.0, normalize=0, **engine)
     positive = p["mask"] & (p["rewards"] == 1)
     sft = -fused_linear_logprobs(p["hidden"], p["weight"], p["target"], mask=positive,
-                                 impl=impl).sum()
+                                 **engine).sum()
     for a, b in zip(_grads_of(rft, p), _grads_of(sft, p)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -1,8 +1,10 @@
-"""The chunked pure-PyTorch path: the kernels' math for CPUs without Triton.
+"""The lean mode in pure PyTorch: the tile kernels' math for CPUs without Triton.
 
-Same algorithm as the Triton kernels: an online fp32 log-sum-exp (and entropy) over vocabulary
-chunks, so no [N, V] tensor exists; the backward recomputes each chunk's logits. The extra
-memory is one [n, chunk] block, where chunk shrinks as the number of counted rows n grows.
+Same algorithm as the lean Triton kernels: an online fp32 log-sum-exp (and entropy) over
+vocabulary slices, so no [N, V] tensor exists; the backward recomputes each slice's logits. The
+extra memory is one [n, slice] block, where the slice narrows as the number of counted rows n
+grows. (The chunked mode, ``chunked.py``, is the faster default; this one is for
+``mode="lean"``.)
 """
 
 from __future__ import annotations

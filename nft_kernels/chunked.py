@@ -1,0 +1,257 @@
+"""The chunked mode (the default): vendor GEMMs on chunks of rows around one fused row kernel.
+
+Per chunk of C counted rows (C from the workspace budget, ``rows_per_chunk``):
+1. logits = h_c W^T by the vendor GEMM (cuBLAS through torch on CUDA, BLAS on CPU) into a
+   reused fp32 workspace [C, V]; fp32 so that logp keeps its precision (a 0.004 error in logp
+   is a 0.4% error in R, amplified by the negative branch: shared/design/kernel.md).
+2. the row kernel (``ops/chunk_rows.py``; the same math in torch below for CPUs without the
+   Triton interpreter): log-sum-exp, entropy, target logit, loss head -> loss_t and
+   g_t = d loss_t / d logp_t, then dz = g (onehot - p) / T written over the logits in the
+   dtype of the gradient GEMMs.
+3. dH_c = dz W and dW += dz^T h_c by the vendor GEMM, dW accumulated in fp32 across chunks
+   (bf16 accumulation diverges: Liger #512/#827).
+
+For a scalar loss whose inputs need gradients, all of this runs in the forward (6NHV FLOPs)
+and the backward only scales by the upstream scalar; for per-token upstream gradients the
+forward stops after step 2's statistics and the backward recomputes steps 1-3 with the
+forward's exact rows and chunks (8NHV).
+
+Extra memory: the workspace (min(n, C) x V x 4 bytes), the returned gradients, an fp32 dW
+(4 V H bytes, 16-bit weights only) and O(N) per-token vectors.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .heads import HeadSpec, head_loss_and_grad
+
+DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+# Rows of the torch row math processed together, so its temporaries stay in cache.
+_TORCH_ROW_BLOCK_ELEMENTS = 1 << 19
+
+_OUT_DTYPE_MM = any("dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+_warned_no_out_dtype = False
+
+
+def default_workspace_bytes(device: torch.device) -> int:
+    return DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES["cuda"])
+
+
+def rows_per_chunk(workspace_bytes: int, vocab: int, n_rows: int) -> int:
+    """Rows of one chunk: as many fp32 logit rows as the workspace holds (a multiple of 64
+    once there are more than 128, for GEMM-friendly shapes), never more than there are rows."""
+    c = workspace_bytes // (4 * vocab)
+    if c < 1:
+        raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one row of fp32 logits "
+                         f"(4 * V = {4 * vocab} bytes); raise it or use mode='lean'")
+    if c > 128:
+        c -= c % 64
+    return max(1, min(c, n_rows))
+
+
+def workspace_bytes_needed(n_rows: int, vocab: int, workspace_bytes: int) -> int:
+    """The workspace the chunked mode allocates for ``n_rows`` counted rows."""
+    if n_rows == 0:
+        return 0
+    return rows_per_chunk(workspace_bytes, vocab, n_rows) * vocab * 4
+
+
+# ---- GEMMs ---------------------------------------------------------------------------------
+def _gemm_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """dtype of the gradient GEMMs' operands: the input dtype where the vendor GEMM can return
+    fp32 from 16-bit operands (CUDA); fp32 otherwise (CPU BLAS has no such GEMM)."""
+    global _warned_no_out_dtype
+    if hidden.dtype == torch.float32:
+        return torch.float32
+    if hidden.is_cuda and _OUT_DTYPE_MM:
+        return hidden.dtype
+    if hidden.is_cuda and not _warned_no_out_dtype:
+        _warned_no_out_dtype = True
+        warnings.warn("this torch has no torch.mm(..., out_dtype=): the chunked mode runs its "
+                      "GEMMs in fp32 (correct but slow); torch >= 2.8 avoids this", stacklevel=3)
+    return torch.float32
+
+
+def _logits_into(out: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor) -> None:
+    """out[:] = h_c W^T in fp32."""
+    if h_c.dtype == torch.float32:
+        torch.mm(h_c, weight.t(), out=out)
+    else:
+        torch.mm(h_c, weight.t(), out_dtype=torch.float32, out=out)
+
+
+def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
+    """dw (fp32) += dz^T h_c."""
+    if dz.dtype == torch.float32:
+        dw.addmm_(dz.t(), h_c)
+    else:
+        torch.addmm(dw, dz.t(), h_c, out_dtype=torch.float32, out=dw)
+
+
+# ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
+def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, scale, spec: HeadSpec,
+               inv_temperature, compute_entropy, stats, write_dz, out, saved=None,
+               g_logp=None, g_ent=None):
+    """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
+
+    Writes the per-token outputs at ``rows_c`` into ``out`` (logp, rowmax, logsum, entropy,
+    loss, g) and, with ``write_dz``, dz over ``ws`` in place (fp32). Processes a few rows at a
+    time so that its temporaries stay in cache. ``saved``: (rowmax, logsum, entropy) [N] for
+    the backward's recompute (``stats=False``).
+    """
+    c, vocab = ws.shape
+    block = max(1, _TORCH_ROW_BLOCK_ELEMENTS // vocab)
+    for r0 in range(0, c, block):
+        r1 = min(r0 + block, c)
+        x = ws[r0:r1]
+        idx = rows_c[r0:r1]
+        counted = None if mask is None else mask.index_select(0, idx)
+        tgt = target.index_select(0, idx).long()
+        if counted is not None:
+            tgt = torch.where(counted, tgt, torch.zeros_like(tgt))
+        if bias32 is not None:
+            x.add_(bias32)
+        if inv_temperature != 1.0:
+            x.mul_(inv_temperature)
+        if stats:
+            x_t = x.gather(1, tgt[:, None]).squeeze(1)
+            m = x.amax(dim=1)
+            x.sub_(m[:, None])  # x - m
+            if compute_entropy:
+                e = torch.exp(x)
+                s = e.sum(dim=1)
+                t = (e * x).sum(dim=1)
+            else:
+                e = x.exp_()  # in place: x - m is not needed again
+                s = e.sum(dim=1)
+            log_s = torch.log(s)
+            logp = (x_t - m) - log_s
+            zero = torch.zeros_like(logp)
+            keep = (lambda v: v) if counted is None else (lambda v: torch.where(counted, v, zero))
+            out["logp"][idx] = keep(logp)
+            out["rowmax"][idx] = keep(m)
+            out["logsum"][idx] = keep(log_s)
+            if compute_entropy:
+                out["entropy"][idx] = keep(log_s - t / s)
+            if spec.kind != "none":
+                loss, g = head_loss_and_grad(
+                    spec, logp, old.index_select(0, idx).float(),
+                    reward.index_select(0, idx).float(),
+                    None if rate is None else rate.index_select(0, idx).float())
+                out["loss"][idx] = keep(loss)
+                out["g"][idx] = keep(g)
+                g = keep(g) * scale
+            else:
+                g = zero
+            if write_dz:
+                # dz = g (onehot - e / s) / T, formed over the chunk in place.
+                coef = g * inv_temperature
+                if compute_entropy:
+                    x.copy_(e)
+                x.mul_((-coef / s)[:, None])
+                x.scatter_add_(1, tgt[:, None], coef[:, None])
+        else:
+            rowmax, logsum, entropy = saved
+            g = g_logp.index_select(0, idx)
+            x.sub_(rowmax.index_select(0, idx)[:, None])
+            x.sub_(logsum.index_select(0, idx)[:, None])  # log p = (x - m) - log s
+            if g_ent is not None:
+                ge = g_ent.index_select(0, idx)[:, None]
+                ent = entropy.index_select(0, idx)[:, None]
+                p = torch.exp(x)
+                x.add_(ent).mul_(ge).add_(g[:, None]).mul_(p).neg_()  # -p (g + ge (log p + H))
+            else:
+                x.exp_().mul_(-g[:, None])
+            x.scatter_add_(1, tgt[:, None], g[:, None])
+            if inv_temperature != 1.0:
+                x.mul_(inv_temperature)
+        if write_dz and counted is not None:
+            x.masked_fill_(~counted[:, None], 0.0)  # padded rows: exactly 0, NaN-proof
+
+
+# ---- the driver ----------------------------------------------------------------------------
+def _row_ids(rows, n_total, device):
+    return rows if rows is not None else torch.arange(n_total, device=device)
+
+
+def _chunks(n, c):
+    return [(c0, min(c0 + c, n)) for c0 in range(0, n, c)]
+
+
+def run(hidden, weight, bias, target, rows, mask, old, reward, rate, spec: HeadSpec,
+        inv_temperature: float, compute_entropy: bool, *, row_op, workspace_bytes: int,
+        stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None):
+    """One pass of the chunked mode over the counted rows.
+
+    ``rows``: int64 indices of the counted rows (None: every row of ``hidden``), ``mask``: a
+    device mask still to apply (rows past it are computed but count 0; used when the number of
+    counted rows is not known on the host). ``stats``: run the row kernel's pass 1 and the
+    head (forward); otherwise the backward's recompute with ``saved`` = (rowmax, logsum,
+    entropy) and per-token ``g_logp`` / ``g_ent``. ``write_grads``: (dH, dW, d bias) wanted.
+
+    Returns (per-token outputs dict or None, dh, dw, db); dh in the input dtype, dw / db fp32.
+    """
+    n_total, width = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    want_dh, want_dw, want_db = write_grads
+    write_dz = want_dh or want_dw or want_db
+    out = None
+    if stats:
+        out = {k: torch.zeros(n_total, dtype=torch.float32, device=dev)
+               for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")}
+    dh = torch.zeros_like(hidden) if want_dh else None
+    dw = None
+    if want_dw:
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if want_db else None
+    n = n_total if rows is None else rows.numel()
+    if n == 0:
+        return out, dh, dw, db
+
+    gemm_dtype = _gemm_dtype(hidden)
+    w_g = weight if weight.dtype == gemm_dtype else weight.to(gemm_dtype)  # CPU 16-bit only
+    bias32 = None if bias is None else bias.float()
+    if grad_scale is None:
+        grad_scale = torch.ones((), dtype=torch.float32, device=dev)
+    row_ids = _row_ids(rows, n_total, dev)
+    c = rows_per_chunk(workspace_bytes, vocab, n)
+    workspace = torch.empty((c, vocab), dtype=torch.float32, device=dev)
+    # 16-bit dz lives in the first half of each fp32 row of the workspace (row stride 2V).
+    dz_dtype = hidden.dtype if hidden.is_cuda or row_op != "torch" else torch.float32
+    for c0, c1 in _chunks(n, c):
+        rows_c = row_ids[c0:c1]
+        h_c = hidden[c0:c1] if rows is None else hidden.index_select(0, rows_c)
+        if h_c.dtype != gemm_dtype:
+            h_c = h_c.to(gemm_dtype)
+        ws = workspace[: c1 - c0]
+        _logits_into(ws, h_c, w_g)
+        dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
+        common = dict(bias32=bias32, target=target, mask=mask, old=old, reward=reward, rate=rate,
+                      spec=spec, inv_temperature=inv_temperature,
+                      compute_entropy=compute_entropy, stats=stats, write_dz=write_dz)
+        if row_op == "torch":
+            torch_rows(ws, rows_c, scale=grad_scale, out=out, saved=saved, g_logp=g_logp,
+                       g_ent=g_ent, **common)
+        else:
+            from . import triton_launch  # noqa: PLC0415 - Triton only when it runs
+
+            triton_launch.chunk_rows(ws, dz, rows_c, bias=bias, scale=grad_scale, out=out,
+                                     saved=saved, g_logp=g_logp, g_ent=g_ent, **common)
+        if not write_dz:
+            continue
+        if dz.dtype != gemm_dtype:  # CPU, 16-bit dz (interpreted kernel): GEMMs in fp32
+            dz = dz.to(gemm_dtype)
+        if want_db:
+            db += dz.sum(dim=0, dtype=torch.float32)
+        if want_dh:
+            if rows is None and dh.dtype == gemm_dtype:
+                torch.mm(dz, w_g, out=dh[c0:c1])
+            else:
+                dh.index_copy_(0, rows_c, torch.mm(dz, w_g).to(dh.dtype))
+        if want_dw:
+            _add_weight_grad(dw, dz, h_c)
+    return out, dh, dw, db
