@@ -242,6 +242,20 @@ def measure(job):
     return record
 
 
+def measure_isolated(job):
+    """``measure(job)`` in a child process of this script."""
+    import subprocess  # noqa: PLC0415
+
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--job",
+                           json.dumps(job)], capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith("RECORD "):
+            return json.loads(line[len("RECORD "):])
+    keep = ("impl", "shape", "N", "H", "V", "dtype")
+    return {**{k: job[k] for k in keep}, "device": job["device_name"], "status": "error",
+            "reason": f"child process failed (exit {done.returncode}): {done.stderr[-300:]}"}
+
+
 def versions():
     from importlib.metadata import PackageNotFoundError, version
 
@@ -327,17 +341,30 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--tokens", type=int, nargs="*", help="override the token counts N")
     parser.add_argument("--heads", nargs="*", help=f"subset of {list(HEADS)}")
+    parser.add_argument("--head-size", nargs=2, type=int, metavar=("H", "V"),
+                        help="one custom LM head instead (hidden size H, vocabulary V)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on "
+                        "a GPU, fp32 on CPU)")
     parser.add_argument("--impls", nargs="*", help="substrings selecting implementations")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run every measurement in a fresh process (memory high-water "
+                             "marks and allocator state not shared between implementations)")
+    parser.add_argument("--job", help=argparse.SUPPRESS)  # one measurement, for --isolate
     args = parser.parse_args(argv)
+    if args.job:
+        print("RECORD " + json.dumps(measure(json.loads(args.job))), flush=True)
+        return 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = device_name(device)
     today = dt.date.today().isoformat()
     heads = QUICK_HEADS if args.quick else {k: HEADS[k] for k in (args.heads or HEADS)}
+    if args.head_size:
+        heads = {f"H{args.head_size[0]}-V{args.head_size[1]}": tuple(args.head_size)}
     tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS))
     repeats = args.repeats or (3 if args.quick or device.type == "cpu" else 10)
-    plan = [(shape, h, v, n, "bf16" if device.type == "cuda" else "fp32")
-            for shape, (h, v) in heads.items() for n in tokens]
-    if device.type == "cuda" and not args.quick:
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    plan = [(shape, h, v, n, dtype) for shape, (h, v) in heads.items() for n in tokens]
+    if device.type == "cuda" and not args.quick and not args.dtype:
         h, v = heads[next(iter(heads))]
         plan.append((next(iter(heads)), h, v, tokens[min(1, len(tokens) - 1)], "fp32"))
     impls = [i for i in IMPLEMENTATIONS
@@ -353,7 +380,7 @@ def main(argv=None):
                        device=device.type, device_name=name, repeats=repeats,
                        warmup=1 if device.type == "cpu" else 3, gemm_ms=gemm,
                        slice_rows=64 if device.type == "cpu" else 512, quick=args.quick)
-            record = measure(job)
+            record = measure_isolated(job) if args.isolate else measure(job)
             records.append(record)
             summary = (f"{record['time_ms']:.1f} ms, {record['peak_extra_mib'] or 0:.0f} MiB"
                        if record.get("status") == "ok" else

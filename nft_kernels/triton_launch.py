@@ -21,22 +21,31 @@ from .ops.loss_head import loss_head_kernel
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tile table. GPU values follow the peers' starting points (shared/design/kernel.md) and stay
-# within H100 shared memory at 3 stages; the interpreter uses small tiles (still >= 16 for
-# tl.dot) so that property tests cross many tile boundaries quickly.
-_GPU_FORWARD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
-_GPU_BACKWARD = dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3)
+# Tile tables, per kernel and input width (16-bit: tensor-core wgmma; fp32: IEEE products on
+# the FMA units, so smaller tiles). Chosen with bench/static_sm90.py, which compiles every
+# variant for sm_90 as it is launched on real LM heads (unit inner strides, 16-aligned sizes)
+# and reads registers and spills back from ptxas: the 16-bit variants use no local memory and
+# use wgmma (a CI test), the fp32 figures are reported there. The interpreter uses small tiles
+# (still >= 16 for tl.dot) so that property tests cross many tile boundaries quickly.
+GPU_TILES = {
+    ("forward", 16): dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    ("backward", 16): dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, num_warps=8, num_stages=3),
+    ("forward", 32): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
+    ("backward", 32): dict(BLOCK_N=64, BLOCK_V=64, BLOCK_H=32, num_warps=8, num_stages=2),
+}
 _INTERPRET_TILES = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16)
 GROUP = 8
-# Row kernel of the chunked mode: one program per row, the row streamed in BLOCK_V blocks.
-_GPU_CHUNK_ROWS = dict(BLOCK_V=2048, num_warps=8, num_stages=1)
+# Row kernel of the chunked mode: one program per row, the row streamed in BLOCK_V blocks
+# (memory-bound; ~32 registers, so a full SM of rows in flight).
+GPU_CHUNK_ROWS = dict(BLOCK_V=2048, num_warps=8, num_stages=1)
 _INTERPRET_CHUNK_ROWS = dict(BLOCK_V=64)
 
 
-def _tiles(forward: bool) -> dict:
+def tiles(kind: str, dtype: torch.dtype) -> dict:
+    """Launch configuration of the lean tile kernels (``kind``: "forward" or "backward")."""
     if INTERPRET:
         return dict(_INTERPRET_TILES)
-    return dict(_GPU_FORWARD if forward else _GPU_BACKWARD)
+    return dict(GPU_TILES[(kind, 32 if dtype == torch.float32 else 16)])
 
 
 def _precision(dtype: torch.dtype) -> dict:
@@ -59,8 +68,8 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpe
     if n == 0:
         return tuple(out)
     dummy = _dummy(dev)
-    tiles = _tiles(forward=True)
-    grid = (triton.cdiv(n, tiles["BLOCK_N"]),)
+    config = tiles("forward", hidden.dtype)
+    grid = (triton.cdiv(n, config["BLOCK_N"]),)
     fused_linear_forward_kernel[grid](
         hidden, weight, bias if bias is not None else dummy, target, rows,
         old if old is not None else dummy, reward if reward is not None else dummy,
@@ -70,7 +79,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpe
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(inv_temperature), **spec.kernel_scalars(),
         HAS_BIAS=bias is not None, COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
-        NORMALIZE=int(spec.normalize), **tiles, **_precision(hidden.dtype),
+        NORMALIZE=int(spec.normalize), **config, **_precision(hidden.dtype),
     )
     return tuple(out)
 
@@ -87,18 +96,18 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     if n == 0:
         return dh, dw, db
     dummy = _dummy(dev)
-    tiles = _tiles(forward=False)
+    config = tiles("backward", hidden.dtype)
     common = dict(
         HAS_BIAS=bias is not None, HAS_ENT_GRAD=g_ent is not None,
-        FILTER=filter_eps is not None, **tiles, **_precision(hidden.dtype),
+        FILTER=filter_eps is not None, **config, **_precision(hidden.dtype),
     )
     row_args = (hidden, weight, bias if bias is not None else dummy, target, rows, lse,
                 entropy, g_logp, g_ent if g_ent is not None else dummy)
     sizes = (n, vocab, width, hidden.stride(0), hidden.stride(1), weight.stride(0),
              weight.stride(1), float(inv_temperature),
              float(filter_eps) if filter_eps is not None else 0.0)
-    num_n = triton.cdiv(n, tiles["BLOCK_N"])
-    num_v = triton.cdiv(vocab, tiles["BLOCK_V"])
+    num_n = triton.cdiv(n, config["BLOCK_N"])
+    num_v = triton.cdiv(vocab, config["BLOCK_V"])
     if deterministic:
         fused_linear_backward_dh_kernel[(num_n,)](*row_args, dh, *sizes, **common)
         fused_linear_backward_dw_kernel[(num_v,)](
@@ -142,7 +151,7 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, scale, 
         per_token = [dummy, rowmax, logsum, entropy if entropy is not None else dummy,
                      dummy, dummy]
     opt = lambda t: t if t is not None else dummy  # noqa: E731
-    config = dict(_INTERPRET_CHUNK_ROWS if INTERPRET else _GPU_CHUNK_ROWS)
+    config = dict(_INTERPRET_CHUNK_ROWS if INTERPRET else GPU_CHUNK_ROWS)
     chunk_rows_kernel[(c,)](
         ws, dz, ws.stride(0), dz.stride(0),
         opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate), scale,

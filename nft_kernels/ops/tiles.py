@@ -61,10 +61,14 @@ def dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy, inv_temperature
     p = tl.exp(log_p)  # -inf columns give 0
     onehot = offs_v[None, :] == target[:, None]
     dz = g_logp[:, None] * (tl.where(onehot, 1.0, 0.0) - p)
+    carries = g_logp != 0.0
     if HAS_ENT_GRAD:
         safe_log_p = tl.where(p > 0.0, log_p, 0.0)  # avoid 0 * -inf on padded columns
         dz = dz - g_ent[:, None] * p * (safe_log_p + entropy[:, None])
-    return dz * inv_temperature
+        carries = carries | (g_ent != 0.0)
+    # Rows that carry no gradient (padding left in place, RFT negatives) give exactly 0, even
+    # where their logits are not finite.
+    return tl.where(carries[:, None], dz * inv_temperature, 0.0)
 
 
 @triton.jit
