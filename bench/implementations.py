@@ -112,11 +112,24 @@ def _trl_chunked(inputs):
     """What TRL >= 1.15 users get: TRL's chunked LM-head log-probs (cuBLAS tiles + a Triton
     online-LSE kernel, ``trl/kernels/chunked_logprob.py``), then the NFT head on them."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    try:
+        from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE as vocab_chunk
+    except ImportError:
+        # trl.trainer.utils needs `datasets`, absent on the offline GPU machine; its backward
+        # imports one helper from there, a DeepSpeed ZeRO-3 gather that is a no-op otherwise.
+        import contextlib
+        import sys
+        import types
+
+        stub = types.ModuleType("trl.trainer.utils")
+        stub.maybe_gather_lm_head_ctx = lambda *params: contextlib.nullcontext()
+        sys.modules["trl.trainer.utils"] = stub
+        vocab_chunk = 32768  # TRL 1.15-1.16's _CHUNKED_LOGPROB_CHUNK_SIZE
 
     def logprobs(h, w, target):
-        return ChunkedLogProbFunction.apply(h, w, None, target, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE,
-                                            None, 1.0, ("log_probs",))[0]
+        return ChunkedLogProbFunction.apply(h, w, None, target, 1.0, vocab_chunk, None, 1.0,
+                                            ("log_probs",))[0]
     return _nft_on_logprobs(inputs, logprobs)
 
 

@@ -175,9 +175,10 @@ def measure(job):
     reason = impl.available(device)
     if reason:
         return {**record, "status": "skipped", "reason": reason}
-    if impl.compiles and job.get("quick"):
+    if impl.compiles and (job.get("quick") or job.get("skip_compile")):
         return {**record, "status": "skipped",
-                "reason": "--quick leaves out torch.compile (its compile time alone is minutes)"}
+                "reason": "left out by --quick / --skip-compile (its compile time alone is "
+                          "minutes)"}
     if impl.name.startswith("nft_kernels"):
         record.update(backend=resolve_impl("auto", device), mode=impl.mode)
     try:
@@ -343,8 +344,11 @@ def main(argv=None):
     parser.add_argument("--heads", nargs="*", help=f"subset of {list(HEADS)}")
     parser.add_argument("--head-size", nargs=2, type=int, metavar=("H", "V"),
                         help="one custom LM head instead (hidden size H, vocabulary V)")
+    parser.add_argument("--name", help="the custom head's name in the results")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="input dtype (default: bf16 on "
                         "a GPU, fp32 on CPU)")
+    parser.add_argument("--skip-compile", action="store_true",
+                        help="leave out the torch.compile peers (minutes of compile time)")
     parser.add_argument("--impls", nargs="*", help="substrings selecting implementations")
     parser.add_argument("--isolate", action="store_true",
                         help="run every measurement in a fresh process (memory high-water "
@@ -359,7 +363,8 @@ def main(argv=None):
     today = dt.date.today().isoformat()
     heads = QUICK_HEADS if args.quick else {k: HEADS[k] for k in (args.heads or HEADS)}
     if args.head_size:
-        heads = {f"H{args.head_size[0]}-V{args.head_size[1]}": tuple(args.head_size)}
+        name_of_head = args.name or f"H{args.head_size[0]}-V{args.head_size[1]}"
+        heads = {name_of_head: tuple(args.head_size)}
     tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS))
     repeats = args.repeats or (3 if args.quick or device.type == "cpu" else 10)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -379,7 +384,8 @@ def main(argv=None):
             job = dict(impl=impl.name, shape=shape, H=h, V=v, N=n, dtype=dtype,
                        device=device.type, device_name=name, repeats=repeats,
                        warmup=1 if device.type == "cpu" else 3, gemm_ms=gemm,
-                       slice_rows=64 if device.type == "cpu" else 512, quick=args.quick)
+                       slice_rows=64 if device.type == "cpu" else 512, quick=args.quick,
+                       skip_compile=args.skip_compile)
             record = measure_isolated(job) if args.isolate else measure(job)
             records.append(record)
             summary = (f"{record['time_ms']:.1f} ms, {record['peak_extra_mib'] or 0:.0f} MiB"
