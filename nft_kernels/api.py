@@ -42,6 +42,19 @@ def _reduction_scale(n_counted, reduction, device):
     return torch.full((), 1.0 / max(n_counted, 1), dtype=torch.float32, device=device)
 
 
+def _autocast(hidden, weight, bias):
+    """Under ``torch.autocast`` the LM head runs in the autocast dtype, as ``nn.Linear`` would:
+    fp32 master weights are cast for the call (gradients flow back to them in fp32)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in val.FLOAT_DTYPES:
+        return hidden, weight, bias
+    cast = lambda t: t if t is None or t.dtype == dtype else t.to(dtype)  # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio) -> HeadSpec:
     val.check_scalar("neg_weight", neg_weight, low=0.0)
     val.check_scalar("normalize", normalize, integer_choices=(0, 1, 2))
@@ -78,6 +91,7 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     being dropped before them; only the lean PyTorch path, a CPU fallback, compacts them on
     the host)."""
     val.check_linear_inputs(hidden, weight, bias)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
     val.check_scalar("temperature", temperature, low=0.0, low_open=True)
     val.check_reduction(reduction)
     val.check_filter_eps(filter_eps)
@@ -119,16 +133,18 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     inv_t = 1.0 / float(temperature)
     want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     want = tuple(w and torch.is_grad_enabled() for w in want)
-    if scalar_loss and reduction != "none" and eng.grads_in_forward and any(want):
-        scale = _reduction_scale(n_counted, reduction, dev)
-        loss, logp, entropy = FusedLinearScalarLoss.apply(
-            h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
-            compute_entropy, eng, scale, want)
-    else:
-        loss_t, logp, entropy = FusedLinearHead.apply(
-            h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
-            compute_entropy, eng)
-        loss = _reduce(loss_t, n_counted, reduction, lead)
+    # The engines pick their own precisions (fp32 logits, fp32 accumulation): no autocast.
+    with torch.autocast(dev.type, enabled=False):
+        if scalar_loss and reduction != "none" and eng.grads_in_forward and any(want):
+            scale = _reduction_scale(n_counted, reduction, dev)
+            loss, logp, entropy = FusedLinearScalarLoss.apply(
+                h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
+                compute_entropy, eng, scale, want)
+        else:
+            loss_t, logp, entropy = FusedLinearHead.apply(
+                h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
+                compute_entropy, eng)
+            loss = _reduce(loss_t, n_counted, reduction, lead)
     return loss, logp.reshape(lead), entropy.reshape(lead)
 
 

@@ -99,8 +99,10 @@ class FusedLinearHead(torch.autograd.Function):
                 g_ent = torch.where(mask, g_ent, torch.zeros_like(g_ent))
         if g_ent is not None:
             g_ent = g_ent.contiguous()
-        dh, dw, db = ctx.engine.backward(hidden, weight, bias, target, rows, mask, state,
-                                         g_logp.contiguous(), g_ent, ctx.inv_temperature, want)
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = ctx.engine.backward(hidden, weight, bias, target, rows, mask, state,
+                                             g_logp.contiguous(), g_ent, ctx.inv_temperature,
+                                             want)
         grad_hidden = _cast(dh, hidden, want[0])
         del dh
         grad_weight = _cast(dw, weight, want[1])

@@ -73,13 +73,38 @@ def _apply_liger(model) -> None:
                                     cross_entropy=False, fused_linear_cross_entropy=False)
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    """model.compute_dtype -> the dtype of the forward's matmuls."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
 class PolicyWithLoss(nn.Module):
     """``forward(batch)`` -> (loss, stats) for training, or (logprobs, entropy) with
-    ``logprobs_only=True`` (old log-probs, recomputed with the same kernel, so on-policy R = 1)."""
+    ``logprobs_only=True`` (old log-probs, recomputed with the same kernel, so on-policy R = 1).
 
-    def __init__(self, lm: nn.Module, algo: AlgoConfig, impl: str = "auto"):
+    With a bf16 ``compute_dtype`` and fp32 parameters the forward runs under autocast (mixed
+    precision: bf16 matmuls, fp32 master weights and optimizer state); the fused loss then
+    runs its GEMMs on bf16 copies of the hidden states and the head, keeping fp32 log-probs."""
+
+    def __init__(self, lm: nn.Module, algo: AlgoConfig, impl: str = "auto",
+                 compute_dtype: torch.dtype = torch.float32, mode: str = "auto"):
         super().__init__()
-        self.lm, self.algo, self.impl = lm, algo, impl
+        self.lm, self.algo, self.impl, self.mode = lm, algo, impl, mode
+        self.compute_dtype = compute_dtype
 
     def _hidden(self, input_ids, attention_mask):
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -87,13 +112,21 @@ class PolicyWithLoss(nn.Module):
         return out.last_hidden_state[:, :-1]          # position t predicts token t + 1
 
     def forward(self, batch: dict, logprobs_only: bool = False):
+        device_type = batch["input_ids"].device.type
+        mixed = self.compute_dtype != torch.float32 and \
+            self.lm.get_output_embeddings().weight.dtype == torch.float32
+        with torch.autocast(device_type, dtype=self.compute_dtype, enabled=mixed):
+            return self._forward(batch, logprobs_only)
+
+    def _forward(self, batch: dict, logprobs_only: bool):
         hidden = self._hidden(batch["input_ids"], batch["attention_mask"])
         weight = self.lm.get_output_embeddings().weight
         target = batch["input_ids"][:, 1:]
         mask = batch["loss_mask"]
         if logprobs_only:
             return nft_kernels.fused_linear_logprobs(hidden, weight, target, mask=mask,
-                                                     return_entropy=True, impl=self.impl)
+                                                     return_entropy=True, impl=self.impl,
+                                                     mode=self.mode)
         a = self.algo
         if a.loss == "nft":
             loss_t, stats = nft_kernels.fused_linear_nft_loss(
@@ -101,12 +134,12 @@ class PolicyWithLoss(nn.Module):
                 batch["correct_rate"], mask, neg_weight=a.neg_weight, normalize=a.normalize,
                 clip_negative=a.clip_negative, rate_clamp=tuple(a.rate_clamp),
                 max_log_ratio=a.max_log_ratio, reduction="none", impl=self.impl,
-                return_stats=True)
+                mode=self.mode, return_stats=True)
         else:
             loss_t, stats = nft_kernels.fused_linear_ppo_loss(
                 hidden, weight, target, batch["old_logprobs"], batch["advantages"], mask,
                 clip_low=a.clip_low, clip_high=a.clip_high, max_log_ratio=a.max_log_ratio,
-                reduction="none", impl=self.impl, return_stats=True)
+                reduction="none", impl=self.impl, mode=self.mode, return_stats=True)
         # The aggregation weights already hold the global normalizer (see loop.token_weights).
         return (loss_t * batch["token_weight"]).sum(), stats
 

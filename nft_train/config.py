@@ -18,7 +18,11 @@ import yaml
 @dataclass
 class ModelConfig:
     path: str = "tiny"            # a local Hugging Face model folder, or "tiny": built in code
-    dtype: str = "float32"        # float32 | bfloat16 (training copy; the optimizer state is fp32)
+    dtype: str = "float32"        # float32 | bfloat16: dtype of the parameters (and of AdamW's state)
+    # dtype of the matmuls: bfloat16 runs the forward under autocast with float32 parameters
+    # (mixed precision); auto = bfloat16 where the device has fast bf16 (CUDA with bf16, CPUs
+    # with AVX512-BF16 or AMX), else float32
+    compute_dtype: str = "float32"
     tiny_hidden: int = 64         # sizes of the in-code tiny Qwen2 (used when path == "tiny")
     tiny_layers: int = 2
     tiny_intermediate: int = 256
@@ -31,6 +35,7 @@ class DataConfig:
     format: str = "auto"          # auto | dapo (parquet) | math (jsonl) | synthetic
     template: str = "dapo"        # dapo | boxed | plain | synthetic
     max_prompt_tokens: int = 256
+    system_prompt: str = ""       # system message for chat templates ("": the template's default)
     synthetic_train_size: int = 4000
     synthetic_digits: int = 2     # operands of the embedded task have up to this many digits
     shuffle: bool = True
@@ -90,6 +95,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 3        # stop after this many non-finite losses in a row
     impl: str = "auto"            # nft_kernels backend: auto | triton | torch
+    mode: str = "auto"            # nft_kernels execution mode: auto | chunked | lean
 
 
 @dataclass
@@ -100,6 +106,7 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     every: int = 0                # evaluate every this many steps (0: only at the end)
+    before_train: bool = True     # also evaluate before the first step (verl's val_before_train)
     synthetic_size: int = 200
     max_problems: int = 0         # 0: all
 
@@ -270,6 +277,7 @@ def validate(cfg: Config) -> Config:
     """Check every value that could otherwise fail late, deep inside a run."""
     choices = {
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
+        "model.compute_dtype": (cfg.model.compute_dtype, ("float32", "bfloat16", "auto")),
         "data.format": (cfg.data.format, ("auto", "dapo", "math", "synthetic")),
         "data.template": (cfg.data.template, ("dapo", "boxed", "plain", "synthetic")),
         "reward.kind": (cfg.reward.kind, ("auto", "math_verify", "dapo", "boxed", "synthetic")),
@@ -280,6 +288,7 @@ def validate(cfg: Config) -> Config:
                                               "seq-mean-token-sum", "token-sum-norm")),
         "algo.name": (cfg.algo.name, tuple(PRESETS)),
         "train.impl": (cfg.train.impl, ("auto", "triton", "torch")),
+        "train.mode": (cfg.train.mode, ("auto", "chunked", "lean")),
     }
     for key, (value, allowed) in choices.items():
         _require(value in allowed, key, f"must be one of {', '.join(allowed)}", value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,19 +221,27 @@ class EncodedProblem:
     prompt_ids: tuple[int, ...]
 
 
-def encode_problems(problems: list[Problem], tokenizer, max_tokens: int
-                    ) -> tuple[list[EncodedProblem], int]:
-    """Token ids of each prompt (through the tokenizer's chat template when it has one).
+def encode_problems(problems: list[Problem], tokenizer, max_tokens: int,
+                    system_prompt: str = "") -> tuple[list[EncodedProblem], int]:
+    """Token ids of each prompt, through the tokenizer's chat template when it has one (with
+    ``system_prompt`` as the system message if given, else the template's own default).
     Prompts longer than ``max_tokens`` are dropped, as DAPO's filter does; returns the count."""
     chat = bool(getattr(tokenizer, "chat_template", None))
     kept, too_long = [], 0
     for p in problems:
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": p.prompt}],
-                                                add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict):   # newer transformers return a BatchEncoding
+            messages = [{"role": "user", "content": p.prompt}]
+            if system_prompt:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                tokenize=True)
+            if isinstance(ids, Mapping):   # transformers 5 returns a BatchEncoding (a Mapping)
                 ids = ids["input_ids"]
+            ids = [int(i) for i in ids]
         else:
+            if system_prompt:
+                raise ValueError("data.system_prompt needs a tokenizer with a chat template; "
+                                 "this one has none")
             ids = tokenizer(p.prompt, add_special_tokens=False)["input_ids"]
         if len(ids) > max_tokens:
             too_long += 1

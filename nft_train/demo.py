@@ -51,13 +51,14 @@ def demo_config(out_dir: str, backend: str = "hf", steps: int = 300, seed: int =
     cfg.eval.temperature = 1.0
     cfg.eval.max_new_tokens = 6
     cfg.eval.every = 25
+    cfg.eval.before_train = False   # run_demo evaluates the warm start itself
     cfg.checkpoint.resume = False
     cfg.log.sample_dump_every = 10
     return validate(cfg)
 
 
 def sft_warm_start(model, tokenizer, problems, steps: int, batch_size: int, lr: float,
-                   seed: int, impl: str = "auto") -> list[float]:
+                   seed: int, impl: str = "auto", mode: str = "auto") -> list[float]:
     """Maximize log p(answer + eos | prompt), through the trainer's own forward (the fused
     log-prob kernel is differentiable)."""
     from .loop import Sequence, collate
@@ -66,7 +67,7 @@ def sft_warm_start(model, tokenizer, problems, steps: int, batch_size: int, lr: 
     eos = tokenizer.eos_token_id
     answers = {p.problem.answer: tokenizer(p.problem.answer, add_special_tokens=False)
                ["input_ids"] + [eos] for p in encoded}
-    policy = PolicyWithLoss(model, Config().algo, impl)
+    policy = PolicyWithLoss(model, Config().algo, impl, mode=mode)
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []

@@ -27,6 +27,7 @@ from .actor import (
     full_state_dict,
     init_distributed,
     load_model_and_tokenizer,
+    resolve_compute_dtype,
     set_gradient_sync,
     shard,
 )
@@ -134,10 +135,14 @@ class Trainer:
             else tokenizer.eos_token_id
         self._load_data()
         model = model.to(self.info.device)
-        # The sampling engine gets its own unsharded weights before the trainer's are sharded.
+        self.compute_dtype = resolve_compute_dtype(cfg.model.compute_dtype, self.info.device)
+        # The sampling engine gets its own unsharded weights before the trainer's are sharded;
+        # vLLM samples in the training forward's precision.
+        engine_dtype = "bfloat16" if self.compute_dtype == torch.bfloat16 else cfg.model.dtype
         self.engine = make_rollout(cfg.rollout, model, tokenizer, model_dir, self.info.device,
-                                   call_seed(cfg.train.seed, 0, self.info.rank), cfg.model.dtype)
-        self.policy = shard(PolicyWithLoss(model, cfg.algo, cfg.train.impl), self.info)
+                                   call_seed(cfg.train.seed, 0, self.info.rank), engine_dtype)
+        self.policy = shard(PolicyWithLoss(model, cfg.algo, cfg.train.impl, self.compute_dtype,
+                                           cfg.train.mode), self.info)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr,
                                            betas=tuple(t.betas), weight_decay=t.weight_decay)
@@ -170,7 +175,8 @@ class Trainer:
                                                  self.cfg.eval.synthetic_size)
             self.data_format = "synthetic"
             self.load_reports = [f"synthetic: {len(train)} train, {len(held_out)} held-out"]
-        encoded, too_long = encode_problems(train, self.tokenizer, d.max_prompt_tokens)
+        encoded, too_long = encode_problems(train, self.tokenizer, d.max_prompt_tokens,
+                                            d.system_prompt)
         if not encoded:
             raise ValueError(f"every training prompt is longer than data.max_prompt_tokens="
                              f"{d.max_prompt_tokens}")
@@ -183,10 +189,11 @@ class Trainer:
             for path in self.cfg.eval.files:
                 problems, _ = load_file(path, "auto", d.template)
                 self.eval_sets[Path(path).stem] = encode_problems(
-                    problems, self.tokenizer, d.max_prompt_tokens)[0]
+                    problems, self.tokenizer, d.max_prompt_tokens, d.system_prompt)[0]
         elif self.data_format == "synthetic":
             self.eval_sets["synthetic"] = encode_problems(held_out, self.tokenizer,
-                                                          d.max_prompt_tokens)[0]
+                                                          d.max_prompt_tokens,
+                                                          d.system_prompt)[0]
         if self.cfg.eval.max_problems:
             self.eval_sets = {k: v[:self.cfg.eval.max_problems] for k, v in self.eval_sets.items()}
 
@@ -419,6 +426,13 @@ class Trainer:
         if self.info.main and cfg.log.progress:
             from tqdm import tqdm
             progress = tqdm(total=cfg.train.steps, initial=self.step, desc="nft-train")
+        if self.eval_sets and cfg.eval.before_train and self.step == 0:
+            # Every run reports before and after (verl's val_before_train).
+            with self.timer("eval"):
+                before = self.evaluate()
+            self.logger.log(0, {**before, **self.timer.pop()})
+            if self.info.main:
+                print(f"before training: held-out accuracy {before['eval/accuracy']:.4f}")
         try:
             while self.step < cfg.train.steps:
                 metrics = self.train_step()

@@ -28,6 +28,23 @@ class Sample:
     truncated: bool          # stopped by max_new_tokens, not by end-of-sequence
 
 
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends an answer: the generation config's eos_token_id (an int or a list,
+    as Qwen2.5-Instruct's [<|im_end|>, <|endoftext|>]) and the tokenizer's eos token."""
+    ids = []
+    config = getattr(model, "generation_config", None)
+    found = getattr(config, "eos_token_id", None) if config is not None else None
+    for value in ([found] if isinstance(found, int) else list(found or [])):
+        if value is not None and value not in ids:
+            ids.append(int(value))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the model's generation config and its tokenizer name no "
+                         "end-of-sequence token")
+    return ids
+
+
 def call_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31 - 1)
 
@@ -37,8 +54,8 @@ class HFRollout:
                  max_batch: int = 256):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.tokenizer, self.device, self.max_batch = tokenizer, device, max_batch
-        self.eos = tokenizer.eos_token_id
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.eos = eos_ids(model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
     def load_weights(self, state_dict: dict) -> None:
         self.model.load_state_dict(state_dict)
@@ -74,9 +91,9 @@ class HFRollout:
             eos_token_id=self.eos, pad_token_id=self.pad)[:, width:].tolist()
         samples = []
         for (index, _), row in zip(requests, gen):
-            if self.eos in row:
-                cut = row.index(self.eos) + 1
-                samples.append(Sample(index, row[:cut], False))
+            ends = [i for i, t in enumerate(row) if t in self.eos]
+            if ends:
+                samples.append(Sample(index, row[:ends[0] + 1], False))
             else:
                 samples.append(Sample(index, row, len(row) >= max_new_tokens))
         return samples
@@ -84,7 +101,7 @@ class HFRollout:
 
 class VLLMRollout:
     def __init__(self, model_dir: str, cfg: RolloutConfig, device: torch.device, seed: int,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", stop_ids: list[int] | None = None):
         # In-process engine: weights can be pushed with collective_rpc and nothing is spawned.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
@@ -108,6 +125,7 @@ class VLLMRollout:
         else:
             kwargs.update(max_num_seqs=64)
         self.llm = LLM(**kwargs)
+        self.stop_ids = list(stop_ids or [])
         self.use_sleep = self.on_cuda and cfg.sleep_between_steps
         self.asleep = False
 
@@ -141,7 +159,8 @@ class VLLMRollout:
 
         self.wake()
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                 max_tokens=max_new_tokens, seed=seed + i)
+                                 max_tokens=max_new_tokens, seed=seed + i,
+                                 stop_token_ids=self.stop_ids or None)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                     use_tqdm=False)
@@ -152,5 +171,5 @@ class VLLMRollout:
 def make_rollout(cfg: RolloutConfig, model, tokenizer, model_dir: str, device, seed: int,
                  dtype: str = "float32"):
     if cfg.backend == "vllm":
-        return VLLMRollout(model_dir, cfg, device, seed, dtype)
+        return VLLMRollout(model_dir, cfg, device, seed, dtype, eos_ids(model, tokenizer))
     return HFRollout(model, tokenizer, device)

@@ -1,5 +1,6 @@
 """Run under torchrun (2 CPU processes, gloo): one trainer update on fixed groups with FSDP2;
-rank 0 saves the full gradients for tests/test_train_loop.py to compare with one process."""
+rank 0 saves the full gradients for tests/test_train_loop.py to compare with one process.
+Arguments: OUT RUN_DIR [ARCH] (qwen2, or llama: tied embeddings)."""
 import sys
 
 import torch
@@ -8,8 +9,8 @@ import train_helpers as th
 from nft_train.loop import Trainer
 
 
-def main(out_path: str, run_dir: str) -> None:
-    model, tok = th.tiny_model(0)
+def main(out_path: str, run_dir: str, arch: str = "qwen2") -> None:
+    model, tok = th.tiny_model(0, arch=arch)
     cfg = th.tiny_config(run_dir, train={"grad_clip": 0.0})
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     trainer._update(th.fixed_groups(tok, n_groups=5))
@@ -21,4 +22,4 @@ def main(out_path: str, run_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

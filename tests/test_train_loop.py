@@ -69,9 +69,13 @@ def test_nft_normalize_2_equals_grpo_in_the_trainer_on_policy(tmp_path):
         torch.testing.assert_close(grads["nft"][name], g, rtol=1e-4, atol=1e-7, msg=name)
 
 
-def test_world_size_two_matches_one_process(tmp_path):
-    """torchrun with 2 CPU processes (gloo, FSDP2) gives the gradient of one process."""
-    one = _trainer(tmp_path / "one", train={"grad_clip": 0.0})
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_world_size_two_matches_one_process(tmp_path, arch):
+    """torchrun with 2 CPU processes (gloo, FSDP2) gives the gradient of one process; with
+    tied embeddings (llama) the shared weight gets both its head and its embedding parts."""
+    model, tok = th.tiny_model(0, arch=arch)
+    one = Trainer(th.tiny_config(tmp_path / "one", train={"grad_clip": 0.0}), model=model,
+                  tokenizer=tok)
     groups = th.fixed_groups(one.tokenizer, n_groups=5)   # odd: one rank gets a padding row
     one._update(groups)
     expected = th.grads_of(one.policy)
@@ -80,7 +84,7 @@ def test_world_size_two_matches_one_process(tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29533", str(ROOT / "tests" / "dist_grad_check.py"), str(out),
-           str(tmp_path / "two")]
+           str(tmp_path / "two"), arch]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = torch.load(out)
@@ -140,16 +144,27 @@ def test_train_run_writes_metrics_samples_curves_and_evaluates(tmp_path):
     trainer.close()
     out = trainer.out_dir
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 2]
+    # step 0: the evaluation before training (eval.before_train), then steps and the final one
+    assert [r["step"] for r in rows] == [0, 1, 2, 2]
+    assert "eval/accuracy" in rows[0] and "time/eval" in rows[0]
     for key in ("train/accuracy", "train/kept_fraction", "train/entropy",
                 "train/response_length", "train/truncation_rate", "time/generate",
                 "eval/accuracy"):
-        assert key in rows[0], key
+        assert key in rows[1], key
     assert 0.0 <= final["eval/accuracy"] <= 1.0
     assert (out / "config.yaml").is_file() and (out / "curves.png").is_file()
     assert (out / "final_model" / "config.json").is_file()
     assert list((out / "samples").glob("step_*.jsonl"))
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [2]
+
+
+def test_before_train_evaluation_can_be_skipped(tmp_path):
+    trainer = _trainer(tmp_path, eval={"before_train": False},
+                       algo={"dynamic_sampling": False}, train={"steps": 1})
+    trainer.run()
+    trainer.close()
+    rows = [json.loads(x) for x in (trainer.out_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1]
 
 
 def _train_cmd(model_dir, out_dir):

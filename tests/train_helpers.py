@@ -10,7 +10,7 @@ import torch
 
 from nft_train.config import Config, apply_preset, validate
 from nft_train.loop import Sequence, group_advantages
-from nft_train.tiny import build_tiny_model, build_tokenizer
+from nft_train.tiny import build_chat_tokenizer, build_tiny_model, build_tokenizer
 
 
 def tiny_config(out_dir, preset: str = "nft", **sections) -> Config:
@@ -37,9 +37,11 @@ def tiny_config(out_dir, preset: str = "nft", **sections) -> Config:
     return validate(cfg)
 
 
-def tiny_model(seed: int = 0):
-    tokenizer = build_tokenizer()
-    return build_tiny_model(tokenizer, seed=seed), tokenizer
+def tiny_model(seed: int = 0, arch: str = "qwen2"):
+    """``arch="qwen2"``: the demo's model; ``"llama"``: tied embeddings, a ChatML chat template
+    and two eos ids, as real checkpoints (SmolLM2-Instruct) bring."""
+    tokenizer = build_chat_tokenizer() if arch == "llama" else build_tokenizer()
+    return build_tiny_model(tokenizer, seed=seed, arch=arch), tokenizer
 
 
 def fixed_groups(tokenizer, n_groups: int = 6, k: int = 4, seed: int = 0,
