@@ -42,6 +42,13 @@ def _reduction_scale(n_counted, reduction, device):
     return torch.full((), 1.0 / max(n_counted, 1), dtype=torch.float32, device=device)
 
 
+def _head_inputs(flat):
+    """(old log-probs, reward or advantage, correct rate, token weights) from the flattened
+    per-token arguments, None where absent."""
+    reward = flat.get("rewards", flat.get("advantages"))
+    return flat.get("old_logprobs"), reward, flat.get("correct_rate"), flat.get("token_weights")
+
+
 def _autocast(hidden, weight, bias):
     """Under ``torch.autocast`` the LM head runs in the autocast dtype, as ``nn.Linear`` would:
     fp32 master weights are cast for the call (gradients flow back to them in fp32)."""
@@ -129,7 +136,7 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
             rows = compact_rows(mask_flat, n_counted)
         else:
             device_mask, n_counted = mask_flat, mask_flat.sum()
-    old, reward, rate = flat.values() if flat else (None, None, None)
+    old, reward, rate, token_weights = _head_inputs(flat)
     inv_t = 1.0 / float(temperature)
     want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     want = tuple(w and torch.is_grad_enabled() for w in want)
@@ -138,12 +145,12 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
         if scalar_loss and reduction != "none" and eng.grads_in_forward and any(want):
             scale = _reduction_scale(n_counted, reduction, dev)
             loss, logp, entropy = FusedLinearScalarLoss.apply(
-                h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
-                compute_entropy, eng, scale, want)
+                h, weight, bias, target, rows, device_mask, old, reward, rate, token_weights,
+                spec, inv_t, compute_entropy, eng, scale, want)
         else:
             loss_t, logp, entropy = FusedLinearHead.apply(
-                h, weight, bias, target, rows, device_mask, old, reward, rate, spec, inv_t,
-                compute_entropy, eng)
+                h, weight, bias, target, rows, device_mask, old, reward, rate, token_weights,
+                spec, inv_t, compute_entropy, eng)
             loss = _reduce(loss_t, n_counted, reduction, lead)
     return loss, logp.reshape(lead), entropy.reshape(lead)
 
@@ -152,15 +159,18 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
 def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None,
                           *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
                           clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
-                          reduction="sum", filter_eps=None, deterministic=False, impl="auto",
-                          mode="auto", workspace_bytes=None, validate=True, return_stats=False):
+                          token_weights=None, reduction="sum", filter_eps=None,
+                          deterministic=False, impl="auto", mode="auto", workspace_bytes=None,
+                          validate=True, return_stats=False):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
 
     Per counted token: logp = log_softmax((h W^T + b) / T)[target];
     R = exp(min(logp - old, max_log_ratio)); r_hat = clamp(correct_rate, *rate_clamp);
     loss = w * (r * -log R + neg_weight * (1 - r) * -log max_st((1 - r_hat R)/(1 - r_hat), eps))
     with eps = clip_negative and w = 1, 1 - r_hat, sqrt((1 - r_hat)/r_hat) for normalize 0/1/2.
-    ``neg_weight=0, normalize=0`` is RFT.
+    ``neg_weight=0, normalize=0`` is RFT. ``token_weights`` ([...], >= 0) multiplies each token's
+    loss and gradient (importance-sampling corrections, tool-output masks, an aggregation's
+    per-token normalizer); "mean" still divides by the number of counted tokens.
 
     ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
     one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
@@ -174,7 +184,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
-        {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate},
+        {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate,
+         "token_weights": token_weights},
         unit_names=("rewards", "correct_rate"), reduction=reduction, filter_eps=filter_eps,
         deterministic=deterministic, impl=impl, mode=mode, workspace_bytes=workspace_bytes,
         validate=validate, compute_entropy=return_stats, scalar_loss=True)
@@ -186,7 +197,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 @torch.compiler.disable
 def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
                           bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
-                          clip_ratio_c=None, max_log_ratio=10.0, reduction="sum",
+                          clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
+                          reduction="sum",
                           filter_eps=None, deterministic=False, impl="auto", mode="auto",
                           workspace_bytes=None, validate=True, return_stats=False):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
@@ -200,7 +212,8 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
-        {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None},
+        {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None,
+         "token_weights": token_weights},
         unit_names=(), reduction=reduction, filter_eps=filter_eps, deterministic=deterministic,
         impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
         compute_entropy=return_stats, scalar_loss=True)
@@ -235,7 +248,7 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
     lead = tuple(logprobs.shape)
     dev = logprobs.device
     flat = {name: val.flatten_tokens(name, t, lead, dev).contiguous()
-            for name, t in per_token.items()}
+            for name, t in per_token.items() if t is not None}
     mask_flat = None
     if mask is not None:
         mask_flat = (val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
@@ -246,8 +259,7 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
         checks.per_token_values(flat, unit_names, mask_flat)
         checks.run()
     backend = head_module(impl, dev)
-    values = list(flat.values()) + [None] * (3 - len(flat))
-    loss_t = LossHead.apply(logp, *values, mask_flat, spec, backend)
+    loss_t = LossHead.apply(logp, *_head_inputs(flat), mask_flat, spec, backend)
     n_counted = logp.numel() if mask_flat is None else mask_flat.sum()
     return _reduce(loss_t, n_counted, reduction, lead)
 
@@ -255,20 +267,22 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
 @torch.compiler.disable
 def nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask=None, *, neg_weight=1.0,
              normalize=1, clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
-             reduction="sum", impl="auto", validate=True):
+             token_weights=None, reduction="sum", impl="auto", validate=True):
     """The NFT loss of ``fused_linear_nft_loss`` on log-probs the caller already has
     (differentiable w.r.t. ``logprobs``)."""
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
     return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "rewards": rewards,
-                                         "correct_rate": correct_rate},
+                                         "correct_rate": correct_rate,
+                                         "token_weights": token_weights},
                         mask, reduction, impl, validate, ("rewards", "correct_rate"))
 
 
 @torch.compiler.disable
 def ppo_clip_loss(logprobs, old_logprobs, advantages, mask=None, *, clip_low=0.2, clip_high=0.2,
-                  clip_ratio_c=None, max_log_ratio=10.0, reduction="sum", impl="auto",
-                  validate=True):
+                  clip_ratio_c=None, max_log_ratio=10.0, token_weights=None, reduction="sum",
+                  impl="auto", validate=True):
     """The PPO-clip loss of ``fused_linear_ppo_loss`` on given log-probs."""
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
-    return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "advantages": advantages},
+    return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "advantages": advantages,
+                                         "token_weights": token_weights},
                         mask, reduction, impl, validate, ())

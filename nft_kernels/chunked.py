@@ -92,7 +92,8 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
 
 
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
-def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, scale, spec: HeadSpec,
+def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, scale,
+               spec: HeadSpec,
                inv_temperature, compute_entropy, stats, write_dz, out, saved=None,
                g_logp=None, g_ent=None):
     """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
@@ -137,10 +138,9 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, scale, sp
             if compute_entropy:
                 out["entropy"][idx] = keep(log_s - t / s)
             if spec.kind != "none":
-                loss, g = head_loss_and_grad(
-                    spec, logp, old.index_select(0, idx).float(),
-                    reward.index_select(0, idx).float(),
-                    None if rate is None else rate.index_select(0, idx).float())
+                pick = lambda t: None if t is None else t.index_select(0, idx).float()  # noqa
+                loss, g = head_loss_and_grad(spec, logp, pick(old), pick(reward), pick(rate),
+                                             pick(token_weights))
                 out["loss"][idx] = keep(loss)
                 out["g"][idx] = keep(g)
                 g = keep(g) * scale
@@ -181,8 +181,9 @@ def _chunks(n, c):
     return [(c0, min(c0 + c, n)) for c0 in range(0, n, c)]
 
 
-def run(hidden, weight, bias, target, rows, mask, old, reward, rate, spec: HeadSpec,
-        inv_temperature: float, compute_entropy: bool, *, row_op, workspace_bytes: int,
+def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights,
+        spec: HeadSpec, inv_temperature: float, compute_entropy: bool, *, row_op,
+        workspace_bytes: int,
         stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None):
     """One pass of the chunked mode over the counted rows.
 
@@ -231,6 +232,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, spec: HeadS
         _logits_into(ws, h_c, w_g)
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
         common = dict(bias32=bias32, target=target, mask=mask, old=old, reward=reward, rate=rate,
+                      token_weights=token_weights,
                       spec=spec, inv_temperature=inv_temperature,
                       compute_entropy=compute_entropy, stats=stats, write_dz=write_dz)
         if row_op == "torch":

@@ -92,11 +92,16 @@ def ppo_loss_and_grad(logp, old, advantage, spec: HeadSpec):
     return loss, g
 
 
-def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate):
-    """Dispatch on spec.kind; ``reward`` holds the advantage for the PPO head."""
+def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=None):
+    """Dispatch on spec.kind; ``reward`` holds the advantage for the PPO head. With
+    ``token_weights`` each token's loss and gradient are multiplied by its weight."""
     if spec.kind == "nft":
-        return nft_loss_and_grad(logp, old, reward, rate, spec)
-    if spec.kind == "ppo":
-        return ppo_loss_and_grad(logp, old, reward, spec)
-    zeros = torch.zeros_like(logp)
-    return zeros, zeros
+        loss, g = nft_loss_and_grad(logp, old, reward, rate, spec)
+    elif spec.kind == "ppo":
+        loss, g = ppo_loss_and_grad(logp, old, reward, spec)
+    else:
+        zeros = torch.zeros_like(logp)
+        return zeros, zeros
+    if token_weights is not None:
+        loss, g = loss * token_weights, g * token_weights
+    return loss, g

@@ -28,7 +28,7 @@ def _scaled_logits(h32, weight, bias, v0, v1, inv_temperature):
     return x * inv_temperature
 
 
-def forward(hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpec,
+def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, spec: HeadSpec,
             inv_temperature: float, compute_entropy: bool):
     """Returns full-length fp32 (logp, lse, entropy, loss, g); uncounted rows hold 0."""
     n_total, vocab = hidden.shape[0], weight.shape[0]
@@ -65,10 +65,9 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, spec: HeadSpe
     if compute_entropy:
         ent_out[rows] = torch.log(s) - t / s
     if spec.kind != "none":
-        loss, g = head_loss_and_grad(spec, logp, old.index_select(0, rows).float(),
-                                     reward.index_select(0, rows).float(),
-                                     rate.index_select(0, rows).float() if rate is not None
-                                     else None)
+        pick = lambda t: None if t is None else t.index_select(0, rows).float()  # noqa: E731
+        loss, g = head_loss_and_grad(spec, logp, pick(old), pick(reward), pick(rate),
+                                     pick(token_weights))
         loss_out[rows] = loss
         g_out[rows] = g
     return tuple(out)
@@ -120,10 +119,11 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     return dh, dw, db
 
 
-def head_forward(logp, old, reward, rate, mask, spec: HeadSpec):
+def head_forward(logp, old, reward, rate, token_weights, mask, spec: HeadSpec):
     """Loss head on given log-probs (nft_loss / ppo_clip_loss): fp32 (loss_t, g_t)."""
     loss, g = head_loss_and_grad(spec, logp.float(), old.float(), reward.float(),
-                                 None if rate is None else rate.float())
+                                 None if rate is None else rate.float(),
+                                 None if token_weights is None else token_weights.float())
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
         g = torch.where(mask, g, torch.zeros_like(g))

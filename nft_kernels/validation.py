@@ -140,7 +140,8 @@ class ValueChecks:
 
     def per_token_values(self, tensors, unit_names, where):
         """Per-token inputs on counted tokens: rewards / rates in [0, 1], old log-probs not
-        NaN (-inf is a valid log-prob), anything else (advantages) finite."""
+        NaN (-inf is a valid log-prob), token weights finite and >= 0, anything else
+        (advantages) finite."""
         for name, value in tensors.items():
             if value is None:
                 continue
@@ -148,8 +149,19 @@ class ValueChecks:
                 self.unit_interval(name, value, where)
             elif name == "old_logprobs":
                 self.no_nan(name, value, where)
+            elif name == "token_weights":
+                self.nonnegative(name, value, where)
             else:
                 self.finite(name, value, where)
+
+    def nonnegative(self, name, value, where=None):
+        bad = _masked(~(torch.isfinite(value) & (value >= 0)), where)
+
+        def explain():
+            first = value[bad][0].item()
+            return (f"{name} must be finite and >= 0 on counted tokens; found {first!r} "
+                    f"({int(bad.sum())} values)")
+        self.add(bad.any(), explain)
 
     def targets(self, target, vocab, where):
         bad = _masked((target < 0) | (target >= vocab), where)

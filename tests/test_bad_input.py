@@ -42,6 +42,13 @@ CASES = [
     (dict(filter_eps=-1.0), ValueError, "filter_eps must be >= 0"),
     (dict(impl="cuda"), ValueError, "impl must be one of"),
     (dict(bias=torch.zeros(19)), ValueError, "bias must have shape"),
+    (dict(token_weights=torch.ones(5)), ValueError, "token_weights must have shape"),
+    (dict(mode="fast"), ValueError, "mode must be one of"),
+    (dict(mode="chunked", filter_eps=1e-3), ValueError, "filter_eps .* does not apply"),
+    (dict(workspace_bytes=1.5), TypeError, "workspace_bytes must be an int"),
+    (dict(workspace_bytes=0), ValueError, "workspace_bytes must be >= 1"),
+    (dict(mode="chunked", workspace_bytes=79), ValueError,
+     r"workspace_bytes=79 cannot hold one row"),
 ]
 
 
@@ -60,11 +67,15 @@ def test_bad_argument_is_named(problem, overrides, error, message):
     ("rewards", float("nan"), r"rewards must lie in \[0, 1\]"),
     ("correct_rate", -0.1, r"correct_rate must lie in \[0, 1\]"),
     ("old_logprobs", float("nan"), "old_logprobs contains NaN"),
+    ("token_weights", -0.5, "token_weights must be finite and >= 0"),
+    ("token_weights", float("nan"), "token_weights must be finite and >= 0"),
     ("hidden", float("inf"), "hidden contains NaN or Inf"),
     ("weight", float("nan"), "weight contains NaN or Inf"),
 ])
 def test_bad_values_are_named(problem, impl, name, value, message):
     key = {"old_logprobs": "old", "correct_rate": "rate"}.get(name, name)
+    if key == "token_weights":
+        problem[key] = torch.ones_like(problem["old"])
     tensor = problem[key].detach().clone()
     tensor.view(-1)[0] = value
     mask = torch.ones(6, dtype=torch.bool, device=tensor.device)

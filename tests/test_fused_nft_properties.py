@@ -67,25 +67,33 @@ def _check_against_reference(p, loss, ref, dtype, loss_scale):
     rates=st.sampled_from([(0.0, 1.0), (0.0, 0.03), (0.97, 1.0)]),
     log_ratio_range=st.sampled_from([(-0.5, 0.5), (-3.0, 3.0), (8.0, 12.0)]),
     reduction=st.sampled_from(["sum", "mean", "none"]), deterministic=st.booleans(),
-    chunk=st.sampled_from([None, 1, 7]), validate=st.booleans(), seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([None, 1, 7]), validate=st.booleans(), weighted=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_fused_nft_matches_float64_reference(engine, device, n, h, v, dtype, temperature, bias,
                                              reward_kind, mask_kind, normalize, clip_negative,
                                              neg_weight, rates, log_ratio_range, reduction,
-                                             deterministic, chunk, validate, seed):
+                                             deterministic, chunk, validate, weighted, seed):
     """``chunk``: rows per chunk of the chunked mode (None: all in one; 1 and 7 cross chunk
     boundaries). ``validate=False`` leaves a mask on the device: padded rows are computed and
     must count for nothing. ``reduction="none"`` is differentiated through random per-token
-    weights (the per-token upstream gradients of the recompute path)."""
+    weights (the per-token upstream gradients of the recompute path). ``weighted``: random
+    ``token_weights`` (a quarter of them 0) multiply each token's loss and gradient."""
     p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias, temperature=temperature,
                      reward_kind=reward_kind, mask_kind=mask_kind, rate_range=rates,
                      log_ratio_range=log_ratio_range)
     opts = dict(temperature=temperature, normalize=normalize, clip_negative=clip_negative,
                 neg_weight=neg_weight, reduction=reduction)
-    upstream = torch.rand(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    upstream = torch.rand(n, generator=gen).to(device)
+    weights = None
+    if weighted:
+        weights = (2 * torch.rand(n, generator=gen) * (torch.rand(n, generator=gen) > 0.25))
+        weights = weights.to(device)
     loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
                                  p["rate"], p["mask"], bias=p["bias"], **engine,
                                  deterministic=deterministic, validate=validate,
+                                 token_weights=weights,
                                  workspace_bytes=None if chunk is None else 4 * v * chunk, **opts)
     if reduction == "none":
         assert loss.shape == (n,)
@@ -93,8 +101,13 @@ def test_fused_nft_matches_float64_reference(engine, device, n, h, v, dtype, tem
     loss.backward()
 
     def objective(*args, **kwargs):
-        out = reference_nft_loss(*args, **kwargs)
-        return (out * upstream.double().cpu()).sum() if reduction == "none" else out
+        out = reference_nft_loss(*args, **{**kwargs, "reduction": "none"})
+        if weighted:
+            out = out * weights.double().cpu()
+        if reduction == "none":
+            return (out * upstream.double().cpu()).sum()
+        count = n if p["mask"] is None else int(p["mask"].sum())
+        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
 
     ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"], p["old"],
                                p["rewards"], p["rate"], p["mask"], bias=p["bias"], **opts)
@@ -111,20 +124,29 @@ def test_fused_nft_matches_float64_reference(engine, device, n, h, v, dtype, tem
     dtype=st.sampled_from(DTYPES), bias=st.booleans(),
     clips=st.sampled_from([(0.2, 0.2), (0.2, 0.28)]), clip_ratio_c=st.sampled_from([None, 3.0]),
     log_ratio_range=st.sampled_from([(-0.1, 0.1), (-1.0, 1.0)]),
-    chunk=st.sampled_from([None, 1, 5]), seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([None, 1, 5]), weighted=st.booleans(), seed=st.integers(0, 2**16),
 )
 def test_fused_ppo_matches_float64_reference(engine, device, n, h, v, dtype, bias, clips,
-                                             clip_ratio_c, log_ratio_range, chunk, seed):
+                                             clip_ratio_c, log_ratio_range, chunk, weighted,
+                                             seed):
     p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias,
                      log_ratio_range=log_ratio_range)
-    advantages = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    advantages = torch.randn(n, generator=gen).to(device)
+    weights = torch.rand(n, generator=gen).to(device) if weighted else None
     opts = dict(clip_low=clips[0], clip_high=clips[1], clip_ratio_c=clip_ratio_c)
     loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"], advantages,
                                  p["mask"], bias=p["bias"], **engine, **opts,
+                                 token_weights=weights,
                                  workspace_bytes=None if chunk is None else 4 * v * chunk)
     loss.backward()
-    ref = reference_with_grads(reference_ppo_loss, p["hidden"], p["weight"], p["target"],
-                               p["old"], advantages, p["mask"], bias=p["bias"], **opts)
+
+    def objective(*args, **kwargs):
+        out = reference_ppo_loss(*args, **{**kwargs, "reduction": "none"})
+        return (out * (1.0 if weights is None else weights.double().cpu())).sum()
+
+    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"], p["old"],
+                               advantages, p["mask"], bias=p["bias"], **opts)
     _check_against_reference(p, loss, ref, dtype, advantages.abs().sum().item() * 3)
 
 
@@ -231,16 +253,25 @@ def test_loss_heads_on_logprobs_match_reference(impl, device, n, normalize, clip
     rate = torch.rand(n, generator=gen)
     mask = (torch.rand(n, generator=gen) < 0.7) if masked else None
     advantages = torch.randn(n, generator=gen)
+    weights = torch.rand(n, generator=gen) * (torch.rand(n, generator=gen) > 0.2)
     to = dict(device=device)
-    logp, old, rewards, rate, advantages = (t.to(**to) for t in (logp, old, rewards, rate,
-                                                                 advantages))
+    logp, old, rewards, rate, advantages, weights = (
+        t.to(**to) for t in (logp, old, rewards, rate, advantages, weights))
     mask = None if mask is None else mask.to(**to)
     opts = dict(normalize=normalize, clip_negative=clip_negative, neg_weight=neg_weight)
+    w64 = weights.double()
     for ours, ref in (
         (lambda x: nft_loss(x, old, rewards, rate, mask, impl=impl, **opts),
          lambda x: reference_nft_from_logprobs(x, old, rewards, rate, mask, **opts)),
         (lambda x: ppo_clip_loss(x, old, advantages, mask, clip_high=0.28, impl=impl),
          lambda x: reference_ppo_from_logprobs(x, old, advantages, mask, clip_high=0.28)),
+        (lambda x: nft_loss(x, old, rewards, rate, mask, impl=impl, token_weights=weights,
+                            **opts),
+         lambda x: (reference_nft_from_logprobs(x, old, rewards, rate, mask, reduction="none",
+                                                **opts) * w64).sum()),
+        (lambda x: ppo_clip_loss(x, old, advantages, mask, impl=impl, token_weights=weights),
+         lambda x: (reference_ppo_from_logprobs(x, old, advantages, mask,
+                                                reduction="none") * w64).sum()),
     ):
         x = logp.clone().requires_grad_(True)
         x64 = logp.double().clone().requires_grad_(True)

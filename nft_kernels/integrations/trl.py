@@ -189,6 +189,12 @@ class NFTTrainer(GRPOTrainer):
                      for name, t in (("rewards", rewards), ("rate", rate))}
         old = inputs.get("old_per_token_logps")
         loss_kwargs, impl, temperature = self._nft_loss_kwargs, self.args.nft_impl, self.temperature
+        # TRL's aggregation (and vLLM's importance-sampling correction) as per-token weights, so
+        # the fused loss is one weighted sum: its gradients are computed in the forward.
+        weights = self._token_weights(mask, inputs)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights = weights * inputs["importance_sampling_ratio"]
+        weights = weights.expand_as(mask).float().contiguous()
 
         def head(hidden, lm_head):
             hidden = hidden[:, -width - 1:-1]          # the positions that predict the completion
@@ -203,36 +209,35 @@ class NFTTrainer(GRPOTrainer):
                                                      bias=bias, temperature=temperature, impl=impl)
             return fused_linear_nft_loss(hidden, weight, completion_ids, old_logp,
                                          per_token["rewards"], per_token["rate"], counted,
-                                         bias=bias, temperature=temperature, reduction="none",
-                                         impl=impl, return_stats=True, **loss_kwargs)
+                                         bias=bias, temperature=temperature,
+                                         token_weights=weights, reduction="sum", impl=impl,
+                                         return_stats=True, **loss_kwargs)
 
-        per_token_loss, stats = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
-                                      attention_mask=torch.cat([inputs["prompt_mask"],
-                                                                inputs["completion_mask"]], dim=1),
-                                      nft_head=head)
-        if self.use_vllm and self.vllm_importance_sampling_correction:
-            per_token_loss = per_token_loss * inputs["importance_sampling_ratio"]
-        loss = self._aggregate(per_token_loss, mask, inputs)
+        loss, stats = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+                            attention_mask=torch.cat([inputs["prompt_mask"],
+                                                      inputs["completion_mask"]], dim=1),
+                            nft_head=head)
         self._log_nft_metrics(stats, counted, signal)
         return loss
 
-    def _aggregate(self, per_token_loss, mask, inputs):
-        """Token aggregation of TRL's GRPO ``_compute_loss`` for the same ``loss_type``."""
+    def _token_weights(self, mask, inputs):
+        """Each token's weight in TRL's GRPO ``_compute_loss`` aggregation for the same
+        ``loss_type``: the loss is sum(per_token_loss * weights)."""
         mode = "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        total = (per_token_loss * mask).sum()
-        if self.loss_type == "grpo":
-            seq = (per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
-            return seq.mean() / accumulation
+        mask = mask.float()
+        if self.loss_type == "grpo":         # mean over sequences of the per-sequence mean
+            per_seq = mask.sum(-1, keepdim=True).clamp(min=1.0)
+            return mask / per_seq / mask.size(0) / accumulation
         if self.loss_type == "bnpo":
-            return total / mask.sum().clamp(min=1.0) / accumulation
+            return mask / mask.sum().clamp(min=1.0) / accumulation
         if self.loss_type == "dr_grpo":
-            return total / (per_token_loss.size(0) * self.max_completion_length) / accumulation
+            return mask / (mask.size(0) * self.max_completion_length) / accumulation
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * self.current_gradient_accumulation_steps \
                 / self.args.steps_per_generation
-        return total / normalizer                                      # "dapo"
+        return mask / normalizer                                       # "dapo"
 
     def _log_nft_metrics(self, stats, counted, signal) -> None:
         mode = "train" if self.model.training else "eval"

@@ -7,7 +7,7 @@ one program per row, streaming the row in BLOCK_V blocks:
 pass 1 (STATS): x = (logits + b) / T; online fp32 max m, s = sum exp(x - m) and
     t = sum exp(x - m)(x - m) (entropy H = log s - t / s); the target logit; then
     logp = x_target - m - log s and the loss head of Eq. 8 (NFT) or PPO-clip, which gives
-    loss_t and g_t = d loss_t / d logp_t.
+    loss_t and g_t = d loss_t / d logp_t (both times the token's weight, when given).
 pass 2 (WRITE_DZ): dz = g (onehot - p) / T  (- g_ent p (log p + H) / T when the entropy is
     differentiated), with log p = (x - m) - log s formed from the row max so that it keeps its
     precision at large logits. dz is written over the row's own logits, in the dtype of the
@@ -24,21 +24,22 @@ Rows whose mask is 0 get loss, g, logp and dz exactly 0 (their logits may be any
 import triton
 import triton.language as tl
 
-from .heads import HEAD_NFT, HEAD_PPO, nft_head, ppo_clip_head
+from .heads import HEAD_NONE, head_from_pointers
 
 
 @triton.jit
 def chunk_rows_kernel(
     logits_ptr, dz_ptr, stride_logits, stride_dz,
     bias_ptr, target_ptr, rows_ptr, mask_ptr,
-    old_ptr, reward_ptr, rate_ptr, scale_ptr,
+    old_ptr, reward_ptr, rate_ptr, token_weight_ptr, scale_ptr,
     logp_ptr, rowmax_ptr, logsum_ptr, entropy_ptr, loss_ptr, g_ptr,
     g_logp_ptr, g_ent_ptr,
     V, inv_temperature,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     WRITE_DZ: tl.constexpr, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
-    COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + pid)  # the token's index in the caller's [N] tensors
@@ -84,20 +85,11 @@ def chunk_rows_kernel(
         tl.store(logsum_ptr + row, tl.where(counted, log_s, 0.0))
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(counted, entropy, 0.0))
-        g = logp * 0.0
-        if HEAD == HEAD_NFT:
-            old = tl.load(old_ptr + row, mask=counted, other=0.0).to(tl.float32)
-            reward = tl.load(reward_ptr + row, mask=counted, other=0.0).to(tl.float32)
-            rate = tl.load(rate_ptr + row, mask=counted, other=0.5).to(tl.float32)
-            loss, g = nft_head(logp, old, reward, rate, neg_weight, clip_negative, rate_lo,
-                               rate_hi, max_log_ratio, NORMALIZE)
-            tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
-            tl.store(g_ptr + row, tl.where(counted, g, 0.0))
-        elif HEAD == HEAD_PPO:
-            old = tl.load(old_ptr + row, mask=counted, other=0.0).to(tl.float32)
-            advantage = tl.load(reward_ptr + row, mask=counted, other=0.0).to(tl.float32)
-            loss, g = ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c,
-                                    max_log_ratio)
+        loss, g = head_from_pointers(logp, row, counted, old_ptr, reward_ptr, rate_ptr,
+                                     token_weight_ptr, neg_weight, clip_negative, rate_lo,
+                                     rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
+                                     HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS)
+        if HEAD != HEAD_NONE:
             tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
             tl.store(g_ptr + row, tl.where(counted, g, 0.0))
         # Gradient of the scalar loss: the per-call scale (1, or 1 / counted tokens for "mean").

@@ -7,27 +7,28 @@ accumulator per row:
     s  = sum exp(x - m)
     t  = sum exp(x - m) (x - m)        (entropy: H = log s - t / s)
 and picks the target logit. The epilogue gives logp = x_target - (m + log s) and runs the loss
-head (ops/heads.py), writing loss_t and g_t = d loss_t / d logp_t for the backward kernels.
+head (ops/heads.py), writing loss_t and g_t = d loss_t / d logp_t for the backward kernels
+(both times the token's weight, when given).
 """
 
 import triton
 import triton.language as tl
 
-from .heads import HEAD_NFT, HEAD_PPO, nft_head, ppo_clip_head
+from .heads import HEAD_NONE, head_from_pointers
 from .tiles import scaled_logits_tile
 
 
 @triton.jit
 def fused_linear_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr, rows_ptr,
-    old_ptr, reward_ptr, rate_ptr,
+    old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
     logp_ptr, lse_ptr, entropy_ptr, loss_ptr, grad_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temperature,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     HAS_BIAS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HEAD: tl.constexpr,
-    NORMALIZE: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -69,18 +70,10 @@ def fused_linear_forward_kernel(
     if COMPUTE_ENTROPY:
         tl.store(entropy_ptr + rows, log_s - t / s, mask=row_ok)
 
-    if HEAD == HEAD_NFT:
-        old = tl.load(old_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        reward = tl.load(reward_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        rate = tl.load(rate_ptr + rows, mask=row_ok, other=0.5).to(tl.float32)
-        loss, g = nft_head(logp, old, reward, rate, neg_weight, clip_negative, rate_lo, rate_hi,
-                           max_log_ratio, NORMALIZE)
-        tl.store(loss_ptr + rows, loss, mask=row_ok)
-        tl.store(grad_ptr + rows, g, mask=row_ok)
-    elif HEAD == HEAD_PPO:
-        old = tl.load(old_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        advantage = tl.load(reward_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        loss, g = ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c,
-                                max_log_ratio)
+    if HEAD != HEAD_NONE:
+        loss, g = head_from_pointers(logp, rows, row_ok, old_ptr, reward_ptr, rate_ptr,
+                                     token_weight_ptr, neg_weight, clip_negative, rate_lo,
+                                     rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
+                                     HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(grad_ptr + rows, g, mask=row_ok)

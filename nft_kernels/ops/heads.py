@@ -83,3 +83,31 @@ def ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c, max_l
     loss = tl.where(dual, -advantage * clip_ratio_c, loss)
     g = tl.where(dual, 0.0, g)
     return loss, g
+
+
+@triton.jit
+def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
+                       neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high,
+                       clip_ratio_c, max_log_ratio, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
+                       HAS_TOKEN_WEIGHTS: tl.constexpr):
+    """The selected head on tokens ``idx`` (where ``ok``), reading its per-token inputs; with
+    token weights, each token's loss and gradient are multiplied by its weight (importance
+    corrections, masks, custom aggregation). Returns (loss, g), 0 for HEAD_NONE."""
+    loss = tl.zeros_like(logp)
+    g = tl.zeros_like(logp)
+    if HEAD == HEAD_NFT:
+        old = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        reward = tl.load(reward_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        rate = tl.load(rate_ptr + idx, mask=ok, other=0.5).to(tl.float32)
+        loss, g = nft_head(logp, old, reward, rate, neg_weight, clip_negative, rate_lo, rate_hi,
+                           max_log_ratio, NORMALIZE)
+    elif HEAD == HEAD_PPO:
+        old = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        advantage = tl.load(reward_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        loss, g = ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c,
+                                max_log_ratio)
+    if HAS_TOKEN_WEIGHTS:
+        w = tl.load(token_weight_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        loss = loss * w
+        g = g * w
+    return loss, g

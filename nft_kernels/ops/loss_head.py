@@ -1,34 +1,30 @@
 """Elementwise kernel: a loss head applied to log-probs a trainer already has.
 
 Serves ``nft_loss`` / ``ppo_clip_loss``: reads logp, old log-probs and the per-token reward
-(or advantage) and correct rate, writes loss_t and g_t = d loss_t / d logp_t (ops/heads.py).
+(or advantage), correct rate and optional token weight, writes loss_t and
+g_t = d loss_t / d logp_t (ops/heads.py).
 Masked tokens get loss 0 and g 0.
 """
 
 import triton
 import triton.language as tl
 
-from .heads import HEAD_NFT, nft_head, ppo_clip_head
+from .heads import head_from_pointers
 
 
 @triton.jit
 def loss_head_kernel(
-    logp_ptr, old_ptr, reward_ptr, rate_ptr, mask_ptr, loss_ptr, grad_ptr, n,
+    logp_ptr, old_ptr, reward_ptr, rate_ptr, token_weight_ptr, mask_ptr, loss_ptr, grad_ptr, n,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
-    HEAD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_TOKEN_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    reward = tl.load(reward_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    if HEAD == HEAD_NFT:
-        rate = tl.load(rate_ptr + offs, mask=ok, other=0.5).to(tl.float32)
-        loss, g = nft_head(logp, old, reward, rate, neg_weight, clip_negative, rate_lo, rate_hi,
-                           max_log_ratio, NORMALIZE)
-    else:
-        loss, g = ppo_clip_head(logp, old, reward, clip_low, clip_high, clip_ratio_c,
-                                max_log_ratio)
+    loss, g = head_from_pointers(logp, offs, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
+                                 neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high,
+                                 clip_ratio_c, max_log_ratio, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS)
     if HAS_MASK:
         counted = tl.load(mask_ptr + offs, mask=ok, other=0) != 0
         loss = tl.where(counted, loss, 0.0)
