@@ -93,9 +93,8 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
 
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
 def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, scale,
-               spec: HeadSpec,
-               inv_temperature, compute_entropy, stats, write_dz, out, saved=None,
-               g_logp=None, g_ent=None):
+               spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
+               saved=None, g_logp=None, g_ent=None):
     """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
 
     Writes the per-token outputs at ``rows_c`` into ``out`` (logp, rowmax, logsum, entropy,
@@ -231,18 +230,17 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         ws = workspace[: c1 - c0]
         _logits_into(ws, h_c, w_g)
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
-        common = dict(bias32=bias32, target=target, mask=mask, old=old, reward=reward, rate=rate,
-                      token_weights=token_weights,
-                      spec=spec, inv_temperature=inv_temperature,
-                      compute_entropy=compute_entropy, stats=stats, write_dz=write_dz)
+        common = dict(target=target, mask=mask, old=old, reward=reward, rate=rate,
+                      token_weights=token_weights, scale=grad_scale, spec=spec,
+                      inv_temperature=inv_temperature, compute_entropy=compute_entropy,
+                      stats=stats, write_dz=write_dz, out=out, saved=saved, g_logp=g_logp,
+                      g_ent=g_ent)
         if row_op == "torch":
-            torch_rows(ws, rows_c, scale=grad_scale, out=out, saved=saved, g_logp=g_logp,
-                       g_ent=g_ent, **common)
+            torch_rows(ws, rows_c, bias32=bias32, **common)
         else:
             from . import triton_launch  # noqa: PLC0415 - Triton only when it runs
 
-            triton_launch.chunk_rows(ws, dz, rows_c, bias=bias, scale=grad_scale, out=out,
-                                     saved=saved, g_logp=g_logp, g_ent=g_ent, **common)
+            triton_launch.chunk_rows(ws, dz, rows_c, bias=bias, **common)
         if not write_dz:
             continue
         if dz.dtype != gemm_dtype:  # CPU, 16-bit dz (interpreted kernel): GEMMs in fp32

@@ -139,11 +139,10 @@ def head_forward(logp, old, reward, rate, token_weights, mask, spec: HeadSpec):
 
 
 def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, scale,
-               spec: HeadSpec,
-               inv_temperature, compute_entropy, stats, write_dz, out, saved=None, g_logp=None,
-               g_ent=None, bias32=None):
-    """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py)."""
-    del bias32  # the kernel reads the bias in its own dtype
+               spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
+               saved=None, g_logp=None, g_ent=None):
+    """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
+    in its own dtype."""
     c = ws.shape[0]
     if c == 0:
         return

@@ -125,13 +125,16 @@ class VLLMRollout:
         else:
             kwargs.update(max_num_seqs=64)
         self.llm = LLM(**kwargs)
+        self.dtype = getattr(torch, dtype)
         self.stop_ids = list(stop_ids or [])
         self.use_sleep = self.on_cuda and cfg.sleep_between_steps
         self.asleep = False
 
     def load_weights(self, state_dict: dict) -> None:
         self.wake(tags=["weights"])
-        weights = list(state_dict.items())
+        # In the engine's dtype (bf16 when the trainer computes in bf16): half the copy.
+        weights = [(k, v.to(self.dtype) if v.is_floating_point() else v)
+                   for k, v in state_dict.items()]
 
         def _reload(worker, weights=weights):
             worker.reload_weights(weights_iterator=weights)

@@ -1,5 +1,6 @@
 """Empty inputs, extreme ratios, no_grad, torch.compile, shapes and the module forms."""
 
+import pytest
 import torch
 from helpers import make_problem
 
@@ -144,3 +145,26 @@ def test_single_token_vocabulary_has_exactly_zero_gradient(engine, device):
     loss = fused_linear_nft_loss(*_args(p), p["mask"], **engine, normalize=0)
     loss.backward()
     assert (p["hidden"].grad == 0).all() and (p["weight"].grad == 0).all()
+
+
+def test_validate_false_reads_nothing_back_to_the_host(engine, device, monkeypatch):
+    """A CPU stand-in for the GPU test of no synchronisation: with validate=False no value is
+    read back (``item``, ``tolist``, truth value, ``nonzero``) anywhere in the call, forward and
+    backward, in either mode (the lean PyTorch path compacts padding on the host by design)."""
+    if engine["impl"] == "torch" and engine["mode"] == "lean":
+        pytest.skip("the lean PyTorch path (a CPU fallback) compacts padding on the host")
+    p = make_problem(30, 16, 70, torch.float32, device, seed=13)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a host read in a validate=False call")
+
+    loss_fn = lambda: fused_linear_nft_loss(*_args(p), p["mask"], validate=False,  # noqa: E731
+                                            reduction="mean", **engine)
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "nonzero"):
+            m.setattr(torch.Tensor, name, refuse)
+        m.setattr(torch, "nonzero", refuse)
+        loss = loss_fn()
+        loss.backward()
+    expected = fused_linear_nft_loss(*_args(p), p["mask"], reduction="mean", **engine)
+    torch.testing.assert_close(loss, expected)
