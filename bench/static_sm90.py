@@ -76,6 +76,12 @@ def signature(kernel, consts, dtype):
     return sig
 
 
+# The heads' optional per-token terms, off unless a variant turns them on (constexprs: code
+# that is off is not compiled at all).
+HEAD_TERMS_OFF = dict(HAS_TOKEN_WEIGHTS=False, KL=0)
+WITH_KL = dict(HAS_TOKEN_WEIGHTS=True, KL=3)
+
+
 def variants():
     """(kernel name, dtype, launch options, constexprs) for every variant the launcher uses."""
     from nft_kernels.triton_launch import GPU_CHUNK_ROWS, GROUP, GPU_TILES
@@ -92,10 +98,11 @@ def variants():
             options = dict(num_warps=table["num_warps"], num_stages=table["num_stages"])
             for name in names:
                 if kind == "forward":
-                    for head, entropy in ((0, True), (1, False), (1, True), (2, False)):
+                    for head, entropy, extras in ((0, True, {}), (1, False, {}), (1, True, {}),
+                                                  (2, False, {}), (2, False, WITH_KL)):
                         yield name, dtype, options, dict(
                             HAS_BIAS=True, COMPUTE_ENTROPY=entropy, HEAD=head, NORMALIZE=2,
-                            **blocks, **precision)
+                            **extras, **blocks, **precision)
                     continue
                 for entropy, filtering in ((False, False), (True, True)):
                     consts = dict(HAS_BIAS=True, HAS_ENT_GRAD=entropy, FILTER=filtering,
@@ -106,18 +113,19 @@ def variants():
         rows = {k: v for k, v in GPU_CHUNK_ROWS.items() if k.startswith("BLOCK")}
         options = dict(num_warps=GPU_CHUNK_ROWS["num_warps"],
                        num_stages=GPU_CHUNK_ROWS["num_stages"])
-        for stats, write_dz, head, entropy, ent_grad in (
-                (True, True, 1, False, False),    # scalar NFT loss: gradients in the forward
-                (True, True, 2, True, False),     # scalar PPO loss with return_stats
-                (True, False, 0, True, False),    # per-token forward (log-probs + entropy)
-                (False, True, 0, False, False),   # backward recompute
-                (False, True, 0, False, True)):   # backward recompute, entropy gradient
+        for stats, write_dz, head, entropy, ent_grad, extras in (
+                (True, True, 1, False, False, {}),       # scalar NFT loss: grads in the forward
+                (True, True, 1, False, False, WITH_KL),  # ... with token weights and k3 KL
+                (True, True, 2, True, False, {}),        # scalar PPO loss with return_stats
+                (True, False, 0, True, False, {}),       # per-token forward (log-probs, entropy)
+                (False, True, 0, False, False, {}),      # backward recompute
+                (False, True, 0, False, True, {})):      # backward recompute, entropy gradient
             yield "chunk_rows_kernel", dtype, options, dict(
                 HAS_BIAS=True, HAS_MASK=True, STATS=stats, WRITE_DZ=write_dz, HEAD=head,
-                NORMALIZE=1, COMPUTE_ENTROPY=entropy, HAS_ENT_GRAD=ent_grad, **rows)
-    for head in (1, 2):
+                NORMALIZE=1, COMPUTE_ENTROPY=entropy, HAS_ENT_GRAD=ent_grad, **extras, **rows)
+    for head, extras in ((1, {}), (2, {}), (1, WITH_KL)):
         yield ("loss_head_kernel", "fp32", dict(num_warps=4, num_stages=1),
-               dict(HEAD=head, NORMALIZE=1, HAS_MASK=True, BLOCK=1024))
+               dict(HEAD=head, NORMALIZE=1, HAS_MASK=True, **extras, BLOCK=1024))
 
 
 def ptxas_path():
@@ -135,6 +143,9 @@ def compile_one(job):
     name, dtype, options, consts = job
     kernel = _kernels()[name]
     consts = dict(consts)
+    for arg, off in HEAD_TERMS_OFF.items():
+        if arg in kernel.arg_names:
+            consts.setdefault(arg, off)
     for arg in UNIT_STRIDES:
         if arg in kernel.arg_names:
             consts[arg] = 1
@@ -142,7 +153,8 @@ def compile_one(job):
     attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(kernel.arg_names)
              if arg not in consts and ((arg.endswith("_ptr") and arg != "mask_ptr")
                                        or arg in ALIGNED_INTS)}
-    shown = {k: v for k, v in consts.items() if k not in UNIT_STRIDES}
+    shown = {k: v for k, v in consts.items()  # head terms shown only where on
+             if k not in UNIT_STRIDES and not (k in HEAD_TERMS_OFF and not v)}
     record = dict(kernel=name, dtype=dtype, options=options, consts=shown)
     try:
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts,

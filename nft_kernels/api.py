@@ -12,7 +12,7 @@ import torch
 from . import validation as val
 from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
 from .backend import engine, head_module
-from .heads import HeadSpec
+from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec
 
 
 def compact_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -43,10 +43,30 @@ def _reduction_scale(n_counted, reduction, device):
 
 
 def _head_inputs(flat):
-    """(old log-probs, reward or advantage, correct rate, token weights) from the flattened
-    per-token arguments, None where absent."""
+    """(old log-probs, reward or advantage, correct rate, token weights, reference log-probs)
+    from the flattened per-token arguments, None where absent."""
     reward = flat.get("rewards", flat.get("advantages"))
-    return flat.get("old_logprobs"), reward, flat.get("correct_rate"), flat.get("token_weights")
+    return (flat.get("old_logprobs"), reward, flat.get("correct_rate"),
+            flat.get("token_weights"), flat.get("ref_logprobs"))
+
+
+def _kl_options(ref_logprobs, beta, kl_estimator) -> dict:
+    """HeadSpec fields of the KL-to-reference term, checked: beta >= 0; with beta > 0 the
+    reference log-probs are required (with beta = 0 they are not read)."""
+    val.check_scalar("beta", beta, low=0.0)
+    if not isinstance(kl_estimator, str) or \
+            KL_ALIASES.get(kl_estimator, kl_estimator) not in KL_ESTIMATORS[1:]:
+        names = ", ".join(repr(k) for k in KL_ESTIMATORS[1:] + tuple(KL_ALIASES))
+        raise ValueError(f"kl_estimator must be one of {names}, got {kl_estimator!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when beta > 0 (the reference policy's "
+                         "log-probs of the target tokens, the KL term's anchor)")
+    return dict(beta=float(beta), kl=KL_ALIASES.get(kl_estimator, kl_estimator))
+
+
+def _per_token_ref(ref_logprobs, beta):
+    """The reference log-probs as a per-token input, only where the KL term reads them."""
+    return {"ref_logprobs": ref_logprobs if beta > 0 else None}
 
 
 def _autocast(hidden, weight, bias):
@@ -62,7 +82,8 @@ def _autocast(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
-def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio) -> HeadSpec:
+def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
+              kl: dict | None = None) -> HeadSpec:
     val.check_scalar("neg_weight", neg_weight, low=0.0)
     val.check_scalar("normalize", normalize, integer_choices=(0, 1, 2))
     val.check_scalar("clip_negative", clip_negative, low=0.0, low_open=True)
@@ -70,10 +91,11 @@ def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio) -
     lo, hi = val.check_rate_clamp(rate_clamp)
     return HeadSpec(kind="nft", neg_weight=float(neg_weight), normalize=int(normalize),
                     clip_negative=float(clip_negative), rate_lo=lo, rate_hi=hi,
-                    max_log_ratio=float(max_log_ratio))
+                    max_log_ratio=float(max_log_ratio), **(kl or {}))
 
 
-def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio) -> HeadSpec:
+def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
+              kl: dict | None = None) -> HeadSpec:
     val.check_scalar("clip_low", clip_low, low=0.0)
     if clip_low >= 1.0:
         raise ValueError(f"clip_low must be < 1, got {clip_low!r}")
@@ -82,7 +104,8 @@ def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio) -> HeadSpec:
     if clip_ratio_c is not None:
         val.check_scalar("clip_ratio_c", clip_ratio_c, low=1.0, low_open=True)
     return HeadSpec(kind="ppo", clip_low=float(clip_low), clip_high=float(clip_high),
-                    clip_ratio_c=float(clip_ratio_c or 0.0), max_log_ratio=float(max_log_ratio))
+                    clip_ratio_c=float(clip_ratio_c or 0.0), max_log_ratio=float(max_log_ratio),
+                    **(kl or {}))
 
 
 def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, unit_names,
@@ -136,7 +159,7 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
             rows = compact_rows(mask_flat, n_counted)
         else:
             device_mask, n_counted = mask_flat, mask_flat.sum()
-    old, reward, rate, token_weights = _head_inputs(flat)
+    old, reward, rate, token_weights, ref = _head_inputs(flat)
     inv_t = 1.0 / float(temperature)
     want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     want = tuple(w and torch.is_grad_enabled() for w in want)
@@ -146,11 +169,11 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
             scale = _reduction_scale(n_counted, reduction, dev)
             loss, logp, entropy = FusedLinearScalarLoss.apply(
                 h, weight, bias, target, rows, device_mask, old, reward, rate, token_weights,
-                spec, inv_t, compute_entropy, eng, scale, want)
+                ref, spec, inv_t, compute_entropy, eng, scale, want)
         else:
             loss_t, logp, entropy = FusedLinearHead.apply(
                 h, weight, bias, target, rows, device_mask, old, reward, rate, token_weights,
-                spec, inv_t, compute_entropy, eng)
+                ref, spec, inv_t, compute_entropy, eng)
             loss = _reduce(loss_t, n_counted, reduction, lead)
     return loss, logp.reshape(lead), entropy.reshape(lead)
 
@@ -159,7 +182,8 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
 def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None,
                           *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
                           clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
-                          token_weights=None, reduction="sum", filter_eps=None,
+                          token_weights=None, ref_logprobs=None, beta=0.0, kl_estimator="k3",
+                          reduction="sum", filter_eps=None,
                           deterministic=False, impl="auto", mode="auto", workspace_bytes=None,
                           validate=True, return_stats=False):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
@@ -171,6 +195,11 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     ``neg_weight=0, normalize=0`` is RFT. ``token_weights`` ([...], >= 0) multiplies each token's
     loss and gradient (importance-sampling corrections, tool-output masks, an aggregation's
     per-token normalizer); "mean" still divides by the number of counted tokens.
+    ``beta > 0`` adds beta * KL(pi || pi_ref) per token, estimated from ``ref_logprobs`` by
+    ``kl_estimator``: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2), "k3" (e^x - x - 1,
+    x = ref - logp, clipped as verl's "low_var_kl": x to [-20, 20], the estimate to <= 10) or
+    "k3_unclipped" (as TRL's and Liger's GRPO losses); verl's names "kl", "mse" and
+    "low_var_kl" are accepted. Token weights multiply the KL term too.
 
     ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
     one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
@@ -181,11 +210,12 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     mode is deterministic anyway). With ``return_stats=True`` also returns
     {"logprobs", "entropy"} per token (detached).
     """
-    spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
+    spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
+                     _kl_options(ref_logprobs, beta, kl_estimator))
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate,
-         "token_weights": token_weights},
+         "token_weights": token_weights, **_per_token_ref(ref_logprobs, beta)},
         unit_names=("rewards", "correct_rate"), reduction=reduction, filter_eps=filter_eps,
         deterministic=deterministic, impl=impl, mode=mode, workspace_bytes=workspace_bytes,
         validate=validate, compute_entropy=return_stats, scalar_loss=True)
@@ -198,7 +228,7 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
                           bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
                           clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
-                          reduction="sum",
+                          ref_logprobs=None, beta=0.0, kl_estimator="k3", reduction="sum",
                           filter_eps=None, deterministic=False, impl="auto", mode="auto",
                           workspace_bytes=None, validate=True, return_stats=False):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
@@ -206,14 +236,16 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
 
     loss = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)) per counted token, with the
     optional dual clip ``clip_ratio_c``. Token-level aggregation ("sum" then divide by a global
-    token count, or "mean") is the caller's choice through ``reduction``. ``mode`` and the
-    other options as in ``fused_linear_nft_loss``.
+    token count, or "mean") is the caller's choice through ``reduction``. ``mode``, the KL
+    term (``ref_logprobs``, ``beta``, ``kl_estimator``) and the other options as in
+    ``fused_linear_nft_loss``.
     """
-    spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
+    spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
+                     _kl_options(ref_logprobs, beta, kl_estimator))
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None,
-         "token_weights": token_weights},
+         "token_weights": token_weights, **_per_token_ref(ref_logprobs, beta)},
         unit_names=(), reduction=reduction, filter_eps=filter_eps, deterministic=deterministic,
         impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
         compute_entropy=return_stats, scalar_loss=True)
@@ -267,22 +299,28 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
 @torch.compiler.disable
 def nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask=None, *, neg_weight=1.0,
              normalize=1, clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
-             token_weights=None, reduction="sum", impl="auto", validate=True):
+             token_weights=None, ref_logprobs=None, beta=0.0, kl_estimator="k3",
+             reduction="sum", impl="auto", validate=True):
     """The NFT loss of ``fused_linear_nft_loss`` on log-probs the caller already has
     (differentiable w.r.t. ``logprobs``)."""
-    spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio)
+    spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
+                     _kl_options(ref_logprobs, beta, kl_estimator))
     return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "rewards": rewards,
                                          "correct_rate": correct_rate,
-                                         "token_weights": token_weights},
+                                         "token_weights": token_weights,
+                                         **_per_token_ref(ref_logprobs, beta)},
                         mask, reduction, impl, validate, ("rewards", "correct_rate"))
 
 
 @torch.compiler.disable
 def ppo_clip_loss(logprobs, old_logprobs, advantages, mask=None, *, clip_low=0.2, clip_high=0.2,
-                  clip_ratio_c=None, max_log_ratio=10.0, token_weights=None, reduction="sum",
+                  clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
+                  ref_logprobs=None, beta=0.0, kl_estimator="k3", reduction="sum",
                   impl="auto", validate=True):
     """The PPO-clip loss of ``fused_linear_ppo_loss`` on given log-probs."""
-    spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio)
+    spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
+                     _kl_options(ref_logprobs, beta, kl_estimator))
     return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "advantages": advantages,
-                                         "token_weights": token_weights},
+                                         "token_weights": token_weights,
+                                         **_per_token_ref(ref_logprobs, beta)},
                         mask, reduction, impl, validate, ())

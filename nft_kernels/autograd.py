@@ -28,11 +28,11 @@ def _cast(grad, like, needed):
 class FusedLinearScalarLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, spec: HeadSpec, inv_temperature: float, compute_entropy: bool,
-                engine, grad_scale, want):
+                token_weights, ref, spec: HeadSpec, inv_temperature: float,
+                compute_entropy: bool, engine, grad_scale, want):
         loss_t, logp, entropy, dh, dw, db = engine.forward_with_grads(
-            hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, spec,
-            inv_temperature, compute_entropy, want, grad_scale)
+            hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
+            spec, inv_temperature, compute_entropy, want, grad_scale)
         loss = loss_t.sum() * grad_scale
         # Cast the fp32 accumulators one at a time, dropping each before the next cast, so the
         # peak holds one fp32 buffer fewer. (For fp32 inputs .to() is a no-op.)
@@ -59,17 +59,17 @@ class FusedLinearScalarLoss(torch.autograd.Function):
         for g in grads:
             if g is not None:
                 g.mul_(grad_loss.to(g.dtype))
-        return tuple(grads) + (None,) * 13
+        return tuple(grads) + (None,) * 14
 
 
 class FusedLinearHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, spec: HeadSpec, inv_temperature: float, compute_entropy: bool,
-                engine):
+                token_weights, ref, spec: HeadSpec, inv_temperature: float,
+                compute_entropy: bool, engine):
         loss, logp, entropy, g, state = engine.forward(
-            hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, spec,
-            inv_temperature, compute_entropy)
+            hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
+            spec, inv_temperature, compute_entropy)
         ctx.save_for_backward(hidden, weight, bias, target, rows, mask, g, *state)
         ctx.n_state = len(state)
         ctx.engine = engine
@@ -109,13 +109,14 @@ class FusedLinearHead(torch.autograd.Function):
         grad_weight = _cast(dw, weight, want[1])
         del dw
         grad_bias = _cast(db, bias, want[2])
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 11
+        return (grad_hidden, grad_weight, grad_bias) + (None,) * 12
 
 
 class LossHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, reward, rate, token_weights, mask, spec: HeadSpec, backend):
-        loss, g = backend.head_forward(logp, old, reward, rate, token_weights, mask, spec)
+    def forward(ctx, logp, old, reward, rate, token_weights, ref, mask, spec: HeadSpec,
+                backend):
+        loss, g = backend.head_forward(logp, old, reward, rate, token_weights, ref, mask, spec)
         ctx.save_for_backward(g)
         ctx.logp_dtype = logp.dtype
         return loss
@@ -124,4 +125,4 @@ class LossHead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         (g,) = ctx.saved_tensors
-        return ((grad_loss.float() * g).to(ctx.logp_dtype),) + (None,) * 7
+        return ((grad_loss.float() * g).to(ctx.logp_dtype),) + (None,) * 8

@@ -92,7 +92,7 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
 
 
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
-def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, scale,
+def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, ref, scale,
                spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
                saved=None, g_logp=None, g_ent=None):
     """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
@@ -139,7 +139,7 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
             if spec.kind != "none":
                 pick = lambda t: None if t is None else t.index_select(0, idx).float()  # noqa
                 loss, g = head_loss_and_grad(spec, logp, pick(old), pick(reward), pick(rate),
-                                             pick(token_weights))
+                                             pick(token_weights), pick(ref))
                 out["loss"][idx] = keep(loss)
                 out["g"][idx] = keep(g)
                 g = keep(g) * scale
@@ -180,7 +180,7 @@ def _chunks(n, c):
     return [(c0, min(c0 + c, n)) for c0 in range(0, n, c)]
 
 
-def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights,
+def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
         spec: HeadSpec, inv_temperature: float, compute_entropy: bool, *, row_op,
         workspace_bytes: int,
         stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None):
@@ -231,7 +231,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         _logits_into(ws, h_c, w_g)
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
         common = dict(target=target, mask=mask, old=old, reward=reward, rate=rate,
-                      token_weights=token_weights, scale=grad_scale, spec=spec,
+                      token_weights=token_weights, ref=ref, scale=grad_scale, spec=spec,
                       inv_temperature=inv_temperature, compute_entropy=compute_entropy,
                       stats=stats, write_dz=write_dz, out=out, saved=saved, g_logp=g_logp,
                       g_ent=g_ent)

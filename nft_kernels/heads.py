@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 
 HEAD_KINDS = ("none", "nft", "ppo")
+# KL-to-reference estimators (index = the kernels' KL code; 0 = no KL term). Names as verl's
+# ``kl_penalty`` spells them, with its aliases: "k3" is verl's "low_var_kl" (clipped);
+# "k3_unclipped" is the same estimator unclipped, as TRL's and Liger's GRPO losses compute it.
+KL_ESTIMATORS = ("none", "k1", "k2", "k3", "k3_unclipped")
+KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
 @dataclass(frozen=True)
@@ -30,10 +35,18 @@ class HeadSpec:
     clip_ratio_c: float = 0.0
     # both: R = exp(min(logp - old, max_log_ratio))
     max_log_ratio: float = 10.0
+    # both: + beta * KL(pi || pi_ref) per token, by the estimator ``kl`` (KL_ESTIMATORS)
+    beta: float = 0.0
+    kl: str = "none"
 
     @property
     def code(self) -> int:
         return HEAD_KINDS.index(self.kind)
+
+    @property
+    def kl_code(self) -> int:
+        """The kernels' KL selector: 0 (no KL work at all) when beta is 0."""
+        return KL_ESTIMATORS.index(self.kl) if self.beta > 0.0 else 0
 
     def kernel_scalars(self) -> dict:
         """Hyper-parameters as explicit Python floats (never fp64 tensors: Liger PR #1366)."""
@@ -42,6 +55,7 @@ class HeadSpec:
             rate_lo=float(self.rate_lo), rate_hi=float(self.rate_hi),
             clip_low=float(self.clip_low), clip_high=float(self.clip_high),
             clip_ratio_c=float(self.clip_ratio_c), max_log_ratio=float(self.max_log_ratio),
+            beta=float(self.beta),
         )
 
 
@@ -92,9 +106,33 @@ def ppo_loss_and_grad(logp, old, advantage, spec: HeadSpec):
     return loss, g
 
 
-def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=None):
-    """Dispatch on spec.kind; ``reward`` holds the advantage for the PPO head. With
-    ``token_weights`` each token's loss and gradient are multiplied by its weight."""
+def kl_and_grad(logp, ref, kl_code: int):
+    """Per-token KL(pi || pi_ref) estimate and its derivative w.r.t. logp (Schulman's k1, k2,
+    k3; verl's ``kl_penalty``, TRL's ``per_token_kl``). k3 = e^x - x - 1 with x = ref - logp;
+    clipped (code 3) as verl clips "low_var_kl": x to [-20, 20], the estimate to at most 10,
+    with zero gradient where a clip is active (torch.clamp's convention)."""
+    if kl_code == 1:
+        return logp - ref, torch.ones_like(logp)
+    if kl_code == 2:
+        diff = logp - ref
+        return 0.5 * diff * diff, diff
+    x = ref - logp
+    ok = torch.ones_like(logp, dtype=torch.bool)
+    if kl_code == 3:
+        ok = (x >= -20.0) & (x <= 20.0)
+        x = x.clamp(-20.0, 20.0)
+    ex = torch.exp(x)
+    kl = ex - x - 1.0
+    if kl_code == 3:
+        ok = ok & (kl <= 10.0)
+        kl = kl.clamp(max=10.0)
+    return kl, torch.where(ok, 1.0 - ex, torch.zeros_like(ex))
+
+
+def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=None, ref=None):
+    """Dispatch on spec.kind; ``reward`` holds the advantage for the PPO head. ``ref``: the
+    reference policy's log-probs for the KL term (``spec.beta`` > 0). With ``token_weights``
+    each token's loss and gradient (KL term included) are multiplied by its weight."""
     if spec.kind == "nft":
         loss, g = nft_loss_and_grad(logp, old, reward, rate, spec)
     elif spec.kind == "ppo":
@@ -102,6 +140,9 @@ def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=No
     else:
         zeros = torch.zeros_like(logp)
         return zeros, zeros
+    if spec.kl_code:
+        kl, d_kl = kl_and_grad(logp, ref, spec.kl_code)
+        loss, g = loss + spec.beta * kl, g + spec.beta * d_kl
     if token_weights is not None:
         loss, g = loss * token_weights, g * token_weights
     return loss, g

@@ -28,8 +28,8 @@ def _scaled_logits(h32, weight, bias, v0, v1, inv_temperature):
     return x * inv_temperature
 
 
-def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, spec: HeadSpec,
-            inv_temperature: float, compute_entropy: bool):
+def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
+            spec: HeadSpec, inv_temperature: float, compute_entropy: bool):
     """Returns full-length fp32 (logp, lse, entropy, loss, g); uncounted rows hold 0."""
     n_total, vocab = hidden.shape[0], weight.shape[0]
     out = [torch.zeros(n_total, dtype=torch.float32, device=hidden.device) for _ in range(5)]
@@ -67,7 +67,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
     if spec.kind != "none":
         pick = lambda t: None if t is None else t.index_select(0, rows).float()  # noqa: E731
         loss, g = head_loss_and_grad(spec, logp, pick(old), pick(reward), pick(rate),
-                                     pick(token_weights))
+                                     pick(token_weights), pick(ref))
         loss_out[rows] = loss
         g_out[rows] = g
     return tuple(out)
@@ -119,11 +119,11 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     return dh, dw, db
 
 
-def head_forward(logp, old, reward, rate, token_weights, mask, spec: HeadSpec):
+def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSpec):
     """Loss head on given log-probs (nft_loss / ppo_clip_loss): fp32 (loss_t, g_t)."""
-    loss, g = head_loss_and_grad(spec, logp.float(), old.float(), reward.float(),
-                                 None if rate is None else rate.float(),
-                                 None if token_weights is None else token_weights.float())
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    loss, g = head_loss_and_grad(spec, logp.float(), old.float(), reward.float(), f32(rate),
+                                 f32(token_weights), f32(ref))
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
         g = torch.where(mask, g, torch.zeros_like(g))

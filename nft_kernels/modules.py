@@ -18,32 +18,41 @@ class _OptionsModule(nn.Module):
 
 class FusedLinearNFTLoss(_OptionsModule):
     """``loss = FusedLinearNFTLoss(normalize=1)(hidden, lm_head.weight, target, old, r, r_hat,
-    mask, bias=lm_head.bias)``; options as in ``fused_linear_nft_loss``."""
+    mask, bias=lm_head.bias)``; options as in ``fused_linear_nft_loss``; the per-token
+    ``token_weights`` and ``ref_logprobs`` are given per call."""
 
     def forward(self, hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None,
-                bias=None):
+                bias=None, token_weights=None, ref_logprobs=None):
         return fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards,
-                                     correct_rate, mask, bias=bias, **self.options)
+                                     correct_rate, mask, bias=bias, token_weights=token_weights,
+                                     ref_logprobs=ref_logprobs, **self.options)
 
 
 class FusedLinearPPOLoss(_OptionsModule):
     """PPO-clip (GRPO / Dr. GRPO / DAPO) on hidden states; options as in
     ``fused_linear_ppo_loss``."""
 
-    def forward(self, hidden, weight, target, old_logprobs, advantages, mask=None, bias=None):
+    def forward(self, hidden, weight, target, old_logprobs, advantages, mask=None, bias=None,
+                token_weights=None, ref_logprobs=None):
         return fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask,
-                                     bias=bias, **self.options)
+                                     bias=bias, token_weights=token_weights,
+                                     ref_logprobs=ref_logprobs, **self.options)
 
 
 class NFTLoss(_OptionsModule):
     """NFT on given log-probs; options as in ``nft_loss``."""
 
-    def forward(self, logprobs, old_logprobs, rewards, correct_rate, mask=None):
-        return nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask, **self.options)
+    def forward(self, logprobs, old_logprobs, rewards, correct_rate, mask=None,
+                token_weights=None, ref_logprobs=None):
+        return nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask,
+                        token_weights=token_weights, ref_logprobs=ref_logprobs, **self.options)
 
 
 class PPOClipLoss(_OptionsModule):
     """PPO-clip on given log-probs; options as in ``ppo_clip_loss``."""
 
-    def forward(self, logprobs, old_logprobs, advantages, mask=None):
-        return ppo_clip_loss(logprobs, old_logprobs, advantages, mask, **self.options)
+    def forward(self, logprobs, old_logprobs, advantages, mask=None, token_weights=None,
+                ref_logprobs=None):
+        return ppo_clip_loss(logprobs, old_logprobs, advantages, mask,
+                             token_weights=token_weights, ref_logprobs=ref_logprobs,
+                             **self.options)

@@ -34,9 +34,32 @@ def _reduce(loss_t, mask, reduction):
     return total
 
 
+def reference_kl(logp, ref_logprobs, estimator="k3"):
+    """Per-token KL(pi || pi_ref) estimate in float64, written as verl's ``kl_penalty`` and
+    TRL's ``per_token_kl`` write it (torch.clamp for verl's clips); autograd differentiates."""
+    logp, ref = logp.double(), ref_logprobs.double()
+    estimator = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}.get(estimator, estimator)
+    if estimator == "k1":
+        return logp - ref
+    if estimator == "k2":
+        return 0.5 * (logp - ref).square()
+    kl = ref - logp
+    if estimator == "k3_unclipped":
+        return torch.exp(kl) - kl - 1
+    kl = torch.clamp(kl, min=-20, max=20)
+    return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+
+
+def _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator):
+    if beta == 0:
+        return loss_t
+    return loss_t + beta * reference_kl(logp, ref_logprobs, kl_estimator)
+
+
 def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=None, *,
                                 neg_weight=1.0, normalize=1, clip_negative=1.0,
-                                rate_clamp=(0.02, 0.98), max_log_ratio=10.0, reduction="sum"):
+                                rate_clamp=(0.02, 0.98), max_log_ratio=10.0, ref_logprobs=None,
+                                beta=0.0, kl_estimator="k3", reduction="sum"):
     logp = logp.double()
     log_ratio = torch.clamp(logp - old_logprobs.double(), max=max_log_ratio)
     ratio = torch.exp(log_ratio)
@@ -47,17 +70,20 @@ def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=
     weight = {0: torch.ones_like(r_hat), 1: 1 - r_hat,
               2: torch.sqrt((1 - r_hat) / r_hat)}[normalize]
     loss_t = weight * (r * -log_ratio + neg_weight * (1 - r) * -torch.log(q_st))
+    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator)
     return _reduce(loss_t, mask, reduction)
 
 
 def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, clip_low=0.2,
                                 clip_high=0.2, clip_ratio_c=None, max_log_ratio=10.0,
+                                ref_logprobs=None, beta=0.0, kl_estimator="k3",
                                 reduction="sum"):
     ratio = torch.exp(torch.clamp(logp.double() - old_logprobs.double(), max=max_log_ratio))
     adv = advantages.double()
     loss_t = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
     if clip_ratio_c is not None:
         loss_t = torch.where(adv < 0, torch.minimum(loss_t, -adv * clip_ratio_c), loss_t)
+    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator)
     return _reduce(loss_t, mask, reduction)
 
 

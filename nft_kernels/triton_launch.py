@@ -57,8 +57,8 @@ def _dummy(device):
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, spec: HeadSpec,
-            inv_temperature: float, compute_entropy: bool):
+def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
+            spec: HeadSpec, inv_temperature: float, compute_entropy: bool):
     n_total, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -75,13 +75,14 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
         old if old is not None else dummy, reward if reward is not None else dummy,
         rate if rate is not None else dummy,
         token_weights if token_weights is not None else dummy,
+        ref if ref is not None else dummy,
         logp, lse, entropy, loss, g,
         n, vocab, width,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         float(inv_temperature), **spec.kernel_scalars(),
         HAS_BIAS=bias is not None, COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
-        NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=token_weights is not None, **config,
-        **_precision(hidden.dtype),
+        NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=token_weights is not None,
+        KL=spec.kl_code, **config, **_precision(hidden.dtype),
     )
     return tuple(out)
 
@@ -120,7 +121,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     return dh, dw, db
 
 
-def head_forward(logp, old, reward, rate, token_weights, mask, spec: HeadSpec):
+def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSpec):
     n = logp.numel()
     loss = torch.empty(n, dtype=torch.float32, device=logp.device)
     g = torch.empty_like(loss)
@@ -131,14 +132,16 @@ def head_forward(logp, old, reward, rate, token_weights, mask, spec: HeadSpec):
     loss_head_kernel[(triton.cdiv(n, block),)](
         logp, old, reward, rate if rate is not None else dummy,
         token_weights if token_weights is not None else dummy,
+        ref if ref is not None else dummy,
         mask if mask is not None else dummy, loss, g, n, **spec.kernel_scalars(),
         HEAD=spec.code, NORMALIZE=int(spec.normalize), HAS_MASK=mask is not None,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, BLOCK=block,
+        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, BLOCK=block,
     )
     return loss, g
 
 
-def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, scale,
+def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, ref,
+               scale,
                spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
                saved=None, g_logp=None, g_ent=None):
     """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
@@ -159,11 +162,11 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_w
     chunk_rows_kernel[(c,)](
         ws, dz, ws.stride(0), dz.stride(0),
         opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate),
-        opt(token_weights), scale,
+        opt(token_weights), opt(ref), scale,
         *per_token, opt(g_logp), opt(g_ent),
         ws.shape[1], float(inv_temperature), **spec.kernel_scalars(),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STATS=bool(stats),
         WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
         COMPUTE_ENTROPY=bool(compute_entropy), HAS_ENT_GRAD=g_ent is not None,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, **config,
+        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, **config,
     )

@@ -31,14 +31,16 @@ from .heads import HEAD_NONE, head_from_pointers
 def chunk_rows_kernel(
     logits_ptr, dz_ptr, stride_logits, stride_dz,
     bias_ptr, target_ptr, rows_ptr, mask_ptr,
-    old_ptr, reward_ptr, rate_ptr, token_weight_ptr, scale_ptr,
+    old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr, scale_ptr,
     logp_ptr, rowmax_ptr, logsum_ptr, entropy_ptr, loss_ptr, g_ptr,
     g_logp_ptr, g_ent_ptr,
     V, inv_temperature,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
+    beta,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     WRITE_DZ: tl.constexpr, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
+    KL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -86,9 +88,10 @@ def chunk_rows_kernel(
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(counted, entropy, 0.0))
         loss, g = head_from_pointers(logp, row, counted, old_ptr, reward_ptr, rate_ptr,
-                                     token_weight_ptr, neg_weight, clip_negative, rate_lo,
-                                     rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
-                                     HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS)
+                                     token_weight_ptr, ref_ptr, neg_weight, clip_negative,
+                                     rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
+                                     max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,
+                                     KL)
         if HEAD != HEAD_NONE:
             tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
             tl.store(g_ptr + row, tl.where(counted, g, 0.0))

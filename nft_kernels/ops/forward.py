@@ -21,14 +21,15 @@ from .tiles import scaled_logits_tile
 @triton.jit
 def fused_linear_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr, rows_ptr,
-    old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
+    old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr,
     logp_ptr, lse_ptr, entropy_ptr, loss_ptr, grad_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
     inv_temperature,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
+    beta,
     HAS_BIAS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HEAD: tl.constexpr,
-    NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
+    NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, KL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -72,8 +73,9 @@ def fused_linear_forward_kernel(
 
     if HEAD != HEAD_NONE:
         loss, g = head_from_pointers(logp, rows, row_ok, old_ptr, reward_ptr, rate_ptr,
-                                     token_weight_ptr, neg_weight, clip_negative, rate_lo,
-                                     rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
-                                     HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS)
+                                     token_weight_ptr, ref_ptr, neg_weight, clip_negative,
+                                     rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
+                                     max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,
+                                     KL)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(grad_ptr + rows, g, mask=row_ok)

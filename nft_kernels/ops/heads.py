@@ -86,13 +86,42 @@ def ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c, max_l
 
 
 @triton.jit
-def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
+def kl_penalty(logp, ref, KL: tl.constexpr):
+    """Per-token KL(pi || pi_ref) estimate and its derivative w.r.t. logp (codes of
+    heads.KL_ESTIMATORS): k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = e^x - x - 1 with
+    x = ref - logp, clipped (KL == 3) as verl clips "low_var_kl" (x to [-20, 20], the estimate
+    to at most 10, zero gradient where a clip is active) or unclipped (KL == 4, TRL / Liger)."""
+    if KL == 1:
+        kl = logp - ref
+        d_kl = tl.full(logp.shape, 1.0, tl.float32)
+    elif KL == 2:
+        diff = logp - ref
+        kl = 0.5 * diff * diff
+        d_kl = diff
+    else:
+        x = ref - logp
+        if KL == 3:
+            x_ok = (x >= -20.0) & (x <= 20.0)
+            x = tl.minimum(tl.maximum(x, -20.0), 20.0)
+        ex = tl.exp(x)
+        kl = ex - x - 1.0
+        d_kl = 1.0 - ex
+        if KL == 3:
+            d_kl = tl.where(x_ok & (kl <= 10.0), d_kl, 0.0)
+            kl = tl.minimum(kl, 10.0)
+    return kl, d_kl
+
+
+@triton.jit
+def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr,
                        neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high,
-                       clip_ratio_c, max_log_ratio, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
-                       HAS_TOKEN_WEIGHTS: tl.constexpr):
-    """The selected head on tokens ``idx`` (where ``ok``), reading its per-token inputs; with
-    token weights, each token's loss and gradient are multiplied by its weight (importance
-    corrections, masks, custom aggregation). Returns (loss, g), 0 for HEAD_NONE."""
+                       clip_ratio_c, max_log_ratio, beta, HEAD: tl.constexpr,
+                       NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
+                       KL: tl.constexpr):
+    """The selected head on tokens ``idx`` (where ``ok``), reading its per-token inputs, plus
+    beta * KL to the reference log-probs when KL != 0; with token weights, each token's loss
+    and gradient are multiplied by its weight (importance corrections, masks, custom
+    aggregation). Returns (loss, g), 0 for HEAD_NONE."""
     loss = tl.zeros_like(logp)
     g = tl.zeros_like(logp)
     if HEAD == HEAD_NFT:
@@ -106,6 +135,11 @@ def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weigh
         advantage = tl.load(reward_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         loss, g = ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c,
                                 max_log_ratio)
+    if KL != 0:
+        ref = tl.load(ref_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        kl, d_kl = kl_penalty(logp, ref, KL)
+        loss = loss + beta * kl
+        g = g + beta * d_kl
     if HAS_TOKEN_WEIGHTS:
         w = tl.load(token_weight_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         loss = loss * w
