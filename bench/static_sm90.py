@@ -78,7 +78,7 @@ def signature(kernel, consts, dtype):
 
 # The heads' optional per-token terms, off unless a variant turns them on (constexprs: code
 # that is off is not compiled at all).
-HEAD_TERMS_OFF = dict(HAS_TOKEN_WEIGHTS=False, KL=0)
+HEAD_TERMS_OFF = dict(HAS_TOKEN_WEIGHTS=False, KL=0, ENT_BONUS=False)
 WITH_KL = dict(HAS_TOKEN_WEIGHTS=True, KL=3)
 
 
@@ -116,6 +116,7 @@ def variants():
         for stats, write_dz, head, entropy, ent_grad, extras in (
                 (True, True, 1, False, False, {}),       # scalar NFT loss: grads in the forward
                 (True, True, 1, False, False, WITH_KL),  # ... with token weights and k3 KL
+                (True, True, 2, True, True, dict(ENT_BONUS=True)),  # ... entropy bonus
                 (True, True, 2, True, False, {}),        # scalar PPO loss with return_stats
                 (True, False, 0, True, False, {}),       # per-token forward (log-probs, entropy)
                 (False, True, 0, False, False, {}),      # backward recompute

@@ -64,6 +64,12 @@ def _kl_options(ref_logprobs, beta, kl_estimator) -> dict:
     return dict(beta=float(beta), kl=KL_ALIASES.get(kl_estimator, kl_estimator))
 
 
+def _entropy_coef(entropy_coef) -> float:
+    """The entropy bonus's coefficient: any finite number (> 0 rewards entropy)."""
+    val.check_scalar("entropy_coef", entropy_coef)
+    return float(entropy_coef)
+
+
 def _per_token_ref(ref_logprobs, beta):
     """The reference log-probs as a per-token input, only where the KL term reads them."""
     return {"ref_logprobs": ref_logprobs if beta > 0 else None}
@@ -83,7 +89,7 @@ def _autocast(hidden, weight, bias):
 
 
 def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
-              kl: dict | None = None) -> HeadSpec:
+              kl: dict | None = None, entropy_coef=0.0) -> HeadSpec:
     val.check_scalar("neg_weight", neg_weight, low=0.0)
     val.check_scalar("normalize", normalize, integer_choices=(0, 1, 2))
     val.check_scalar("clip_negative", clip_negative, low=0.0, low_open=True)
@@ -91,11 +97,12 @@ def _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
     lo, hi = val.check_rate_clamp(rate_clamp)
     return HeadSpec(kind="nft", neg_weight=float(neg_weight), normalize=int(normalize),
                     clip_negative=float(clip_negative), rate_lo=lo, rate_hi=hi,
-                    max_log_ratio=float(max_log_ratio), **(kl or {}))
+                    max_log_ratio=float(max_log_ratio), **(kl or {}),
+                    entropy_coef=_entropy_coef(entropy_coef))
 
 
 def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
-              kl: dict | None = None) -> HeadSpec:
+              kl: dict | None = None, entropy_coef=0.0) -> HeadSpec:
     val.check_scalar("clip_low", clip_low, low=0.0)
     if clip_low >= 1.0:
         raise ValueError(f"clip_low must be < 1, got {clip_low!r}")
@@ -105,7 +112,7 @@ def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
         val.check_scalar("clip_ratio_c", clip_ratio_c, low=1.0, low_open=True)
     return HeadSpec(kind="ppo", clip_low=float(clip_low), clip_high=float(clip_high),
                     clip_ratio_c=float(clip_ratio_c or 0.0), max_log_ratio=float(max_log_ratio),
-                    **(kl or {}))
+                    **(kl or {}), entropy_coef=_entropy_coef(entropy_coef))
 
 
 def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, unit_names,
@@ -122,6 +129,7 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     the host)."""
     val.check_linear_inputs(hidden, weight, bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
+    compute_entropy = compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
     val.check_scalar("temperature", temperature, low=0.0, low_open=True)
     val.check_reduction(reduction)
     val.check_filter_eps(filter_eps)
@@ -183,7 +191,7 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
                           *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
                           clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
                           token_weights=None, ref_logprobs=None, beta=0.0, kl_estimator="k3",
-                          reduction="sum", filter_eps=None,
+                          entropy_coef=0.0, reduction="sum", filter_eps=None,
                           deterministic=False, impl="auto", mode="auto", workspace_bytes=None,
                           validate=True, return_stats=False):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
@@ -199,7 +207,9 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     ``kl_estimator``: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2), "k3" (e^x - x - 1,
     x = ref - logp, clipped as verl's "low_var_kl": x to [-20, 20], the estimate to <= 10) or
     "k3_unclipped" (as TRL's and Liger's GRPO losses); verl's names "kl", "mse" and
-    "low_var_kl" are accepted. Token weights multiply the KL term too.
+    "low_var_kl" are accepted. ``entropy_coef`` c adds - c * H per token (H the entropy of
+    the token's softmax; an entropy bonus for c > 0, at no cost when c = 0). Token weights
+    multiply the KL and entropy terms too.
 
     ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
     one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
@@ -211,7 +221,7 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     {"logprobs", "entropy"} per token (detached).
     """
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
-                     _kl_options(ref_logprobs, beta, kl_estimator))
+                     _kl_options(ref_logprobs, beta, kl_estimator), entropy_coef)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate,
@@ -228,8 +238,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
                           bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
                           clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
-                          ref_logprobs=None, beta=0.0, kl_estimator="k3", reduction="sum",
-                          filter_eps=None, deterministic=False, impl="auto", mode="auto",
+                          ref_logprobs=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
+                          reduction="sum", filter_eps=None, deterministic=False, impl="auto", mode="auto",
                           workspace_bytes=None, validate=True, return_stats=False):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
     clip-higher (``clip_high=0.28``), the paper's baselines, on the same kernels.
@@ -237,11 +247,11 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
     loss = max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)) per counted token, with the
     optional dual clip ``clip_ratio_c``. Token-level aggregation ("sum" then divide by a global
     token count, or "mean") is the caller's choice through ``reduction``. ``mode``, the KL
-    term (``ref_logprobs``, ``beta``, ``kl_estimator``) and the other options as in
-    ``fused_linear_nft_loss``.
+    term (``ref_logprobs``, ``beta``, ``kl_estimator``), ``entropy_coef`` and the other options
+    as in ``fused_linear_nft_loss``.
     """
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
-                     _kl_options(ref_logprobs, beta, kl_estimator))
+                     _kl_options(ref_logprobs, beta, kl_estimator), entropy_coef)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None,

@@ -7,8 +7,8 @@ only scales them by the upstream scalar.
 ``FusedLinearHead``: (hidden, weight, bias) -> per-token (loss, logp, entropy), for per-token
 upstream gradients (``reduction="none"``, differentiable log-probs and entropy) and for the
 lean mode. Its backward folds every upstream gradient into two per-token scalars,
-g_logp = grad_loss * g + grad_logp and g_ent = grad_entropy, and hands them to the engine,
-which recomputes the logits.
+g_logp = grad_loss * g + grad_logp and g_ent = grad_entropy (- grad_loss * c w with an entropy
+bonus c), and hands them to the engine, which recomputes the logits.
 
 ``LossHead``: a head on log-probs the caller already has (``nft_loss``, ``ppo_clip_loss``).
 """
@@ -70,6 +70,13 @@ class FusedLinearHead(torch.autograd.Function):
         loss, logp, entropy, g, state = engine.forward(
             hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
             spec, inv_temperature, compute_entropy)
+        # Entropy bonus: loss_t - c w H_t (the engines computed H; its gradient goes through
+        # g_ent in the backward). Padded rows hold H = 0.
+        ctx.ent_weight = None
+        if spec.entropy_coef != 0.0:
+            ctx.ent_weight = spec.entropy_coef * (1.0 if token_weights is None
+                                                  else token_weights.float())
+            loss = loss - ctx.ent_weight * entropy
         ctx.save_for_backward(hidden, weight, bias, target, rows, mask, g, *state)
         ctx.n_state = len(state)
         ctx.engine = engine
@@ -94,6 +101,9 @@ class FusedLinearHead(torch.autograd.Function):
         g_ent = None
         if ctx.compute_entropy and grad_entropy is not None:
             g_ent = grad_entropy.float()
+        if ctx.ent_weight is not None and grad_loss is not None:
+            bonus = -grad_loss.float() * ctx.ent_weight * torch.ones_like(g)
+            g_ent = bonus if g_ent is None else g_ent + bonus
         if mask is not None:  # padded rows: their outputs are constants (0)
             g_logp = torch.where(mask, g_logp, torch.zeros_like(g_logp))
             if g_ent is not None:

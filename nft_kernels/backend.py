@@ -122,8 +122,8 @@ class ChunkedEngine:
         """Per-token (loss, logp, entropy) and the gradients of sum(loss) * grad_scale."""
         out, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
                                     token_weights, ref, spec, inv_temperature, compute_entropy,
-                                    stats=True,
-                                    write_grads=want, grad_scale=grad_scale)
+                                    stats=True, write_grads=want, grad_scale=grad_scale,
+                                    entropy_coef=spec.entropy_coef)
         return out["loss"], out["logp"], out["entropy"], dh, dw, db
 
     def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,

@@ -94,7 +94,7 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
 def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, ref, scale,
                spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
-               saved=None, g_logp=None, g_ent=None):
+               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0):
     """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
 
     Writes the per-token outputs at ``rows_c`` into ``out`` (logp, rowmax, logsum, entropy,
@@ -103,6 +103,8 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
     the backward's recompute (``stats=False``).
     """
     c, vocab = ws.shape
+    bonus = stats and entropy_coef != 0.0  # the entropy bonus of a scalar loss
+    compute_entropy = compute_entropy or bonus
     block = max(1, _TORCH_ROW_BLOCK_ELEMENTS // vocab)
     for r0 in range(0, c, block):
         r1 = min(r0 + block, c)
@@ -135,17 +137,29 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
             out["rowmax"][idx] = keep(m)
             out["logsum"][idx] = keep(log_s)
             if compute_entropy:
-                out["entropy"][idx] = keep(log_s - t / s)
+                ent = log_s - t / s
+                out["entropy"][idx] = keep(ent)
+            pick = lambda t: None if t is None else t.index_select(0, idx).float()  # noqa
             if spec.kind != "none":
-                pick = lambda t: None if t is None else t.index_select(0, idx).float()  # noqa
                 loss, g = head_loss_and_grad(spec, logp, pick(old), pick(reward), pick(rate),
                                              pick(token_weights), pick(ref))
+                if bonus:  # - c w H per token; its gradient below through g_ent = -c w
+                    ent_weight = entropy_coef * (1.0 if token_weights is None
+                                                 else pick(token_weights))
+                    loss = loss - ent_weight * ent
                 out["loss"][idx] = keep(loss)
                 out["g"][idx] = keep(g)
                 g = keep(g) * scale
             else:
                 g = zero
-            if write_dz:
+            if write_dz and bonus:
+                # dz = (g (onehot - p) - g_ent p (log p + H)) / T with g_ent = -c w, in place.
+                ge = keep(-ent_weight * scale + zero)
+                x.sub_(log_s[:, None]).add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None])
+                x.mul_(e).div_(s[:, None]).neg_()
+                x.scatter_add_(1, tgt[:, None], g[:, None])
+                x.mul_(inv_temperature)
+            elif write_dz:
                 # dz = g (onehot - e / s) / T, formed over the chunk in place.
                 coef = g * inv_temperature
                 if compute_entropy:
@@ -183,7 +197,8 @@ def _chunks(n, c):
 def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
         spec: HeadSpec, inv_temperature: float, compute_entropy: bool, *, row_op,
         workspace_bytes: int,
-        stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None):
+        stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None,
+        entropy_coef=0.0):
     """One pass of the chunked mode over the counted rows.
 
     ``rows``: int64 indices of the counted rows (None: every row of ``hidden``), ``mask``: a
@@ -191,6 +206,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
     counted rows is not known on the host). ``stats``: run the row kernel's pass 1 and the
     head (forward); otherwise the backward's recompute with ``saved`` = (rowmax, logsum,
     entropy) and per-token ``g_logp`` / ``g_ent``. ``write_grads``: (dH, dW, d bias) wanted.
+    ``entropy_coef``: the entropy bonus of a scalar loss (in its loss and its gradients).
 
     Returns (per-token outputs dict or None, dh, dw, db); dh in the input dtype, dw / db fp32.
     """
@@ -234,7 +250,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
                       token_weights=token_weights, ref=ref, scale=grad_scale, spec=spec,
                       inv_temperature=inv_temperature, compute_entropy=compute_entropy,
                       stats=stats, write_dz=write_dz, out=out, saved=saved, g_logp=g_logp,
-                      g_ent=g_ent)
+                      g_ent=g_ent, entropy_coef=entropy_coef)
         if row_op == "torch":
             torch_rows(ws, rows_c, bias32=bias32, **common)
         else:

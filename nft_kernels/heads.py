@@ -38,6 +38,8 @@ class HeadSpec:
     # both: + beta * KL(pi || pi_ref) per token, by the estimator ``kl`` (KL_ESTIMATORS)
     beta: float = 0.0
     kl: str = "none"
+    # fused losses: - entropy_coef * H(pi(. | context)) per token (entropy bonus; 0 = no work)
+    entropy_coef: float = 0.0
 
     @property
     def code(self) -> int:

@@ -87,17 +87,32 @@ def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, cl
     return _reduce(loss_t, mask, reduction)
 
 
+def _with_entropy_bonus(loss_fn, logp, entropy, mask, entropy_coef, options):
+    """loss_t - c H_t, reduced as the loss is (the bonus enters before the reduction)."""
+    reduction = options.pop("reduction", "sum")
+    loss_t = loss_fn(logp, reduction="none", **options)
+    if entropy_coef != 0:
+        loss_t = loss_t - entropy_coef * entropy
+    return _reduce(loss_t, mask, reduction)
+
+
 def reference_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None, *,
-                       bias=None, temperature=1.0, **options):
-    logp, _ = reference_logprobs(hidden, weight, target, bias=bias, temperature=temperature)
-    return reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask,
-                                       **options)
+                       bias=None, temperature=1.0, entropy_coef=0.0, **options):
+    logp, entropy = reference_logprobs(hidden, weight, target, bias=bias,
+                                       temperature=temperature)
+    return _with_entropy_bonus(
+        lambda x, **o: reference_nft_from_logprobs(x, old_logprobs, rewards, correct_rate, mask,
+                                                   **o),
+        logp, entropy, mask, entropy_coef, options)
 
 
 def reference_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *, bias=None,
-                       temperature=1.0, **options):
-    logp, _ = reference_logprobs(hidden, weight, target, bias=bias, temperature=temperature)
-    return reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask, **options)
+                       temperature=1.0, entropy_coef=0.0, **options):
+    logp, entropy = reference_logprobs(hidden, weight, target, bias=bias,
+                                       temperature=temperature)
+    return _with_entropy_bonus(
+        lambda x, **o: reference_ppo_from_logprobs(x, old_logprobs, advantages, mask, **o),
+        logp, entropy, mask, entropy_coef, options)
 
 
 def reference_with_grads(loss_fn, hidden, weight, *args, bias=None, **kwargs):

@@ -141,11 +141,11 @@ def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSp
 
 
 def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, ref,
-               scale,
-               spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
-               saved=None, g_logp=None, g_ent=None):
+               scale, spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
+               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0):
     """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
-    in its own dtype."""
+    in its own dtype. ``entropy_coef`` != 0: the entropy bonus, in the loss and in dz."""
+    bonus = bool(stats and entropy_coef != 0.0)
     c = ws.shape[0]
     if c == 0:
         return
@@ -165,8 +165,9 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_w
         opt(token_weights), opt(ref), scale,
         *per_token, opt(g_logp), opt(g_ent),
         ws.shape[1], float(inv_temperature), **spec.kernel_scalars(),
+        entropy_coef=float(entropy_coef),
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STATS=bool(stats),
         WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
-        COMPUTE_ENTROPY=bool(compute_entropy), HAS_ENT_GRAD=g_ent is not None,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, **config,
+        COMPUTE_ENTROPY=bool(compute_entropy) or bonus, HAS_ENT_GRAD=g_ent is not None or bonus,
+        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, ENT_BONUS=bonus, **config,
     )

@@ -7,7 +7,8 @@ one program per row, streaming the row in BLOCK_V blocks:
 pass 1 (STATS): x = (logits + b) / T; online fp32 max m, s = sum exp(x - m) and
     t = sum exp(x - m)(x - m) (entropy H = log s - t / s); the target logit; then
     logp = x_target - m - log s and the loss head of Eq. 8 (NFT) or PPO-clip, which gives
-    loss_t and g_t = d loss_t / d logp_t (both times the token's weight, when given).
+    loss_t and g_t = d loss_t / d logp_t (both times the token's weight, when given); with
+    ENT_BONUS, loss_t - c w H and, for the gradient in the forward, g_ent = -c w.
 pass 2 (WRITE_DZ): dz = g (onehot - p) / T  (- g_ent p (log p + H) / T when the entropy is
     differentiated), with log p = (x - m) - log s formed from the row max so that it keeps its
     precision at large logits. dz is written over the row's own logits, in the dtype of the
@@ -36,11 +37,11 @@ def chunk_rows_kernel(
     g_logp_ptr, g_ent_ptr,
     V, inv_temperature,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
-    beta,
+    beta, entropy_coef,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     WRITE_DZ: tl.constexpr, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
-    KL: tl.constexpr,
+    KL: tl.constexpr, ENT_BONUS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -92,12 +93,22 @@ def chunk_rows_kernel(
                                      rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
                                      max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,
                                      KL)
+        # Entropy bonus (needs COMPUTE_ENTROPY and HAS_ENT_GRAD): - c w H, d / dH = - c w.
+        ent_weight = entropy_coef
+        if ENT_BONUS:
+            if HAS_TOKEN_WEIGHTS:
+                ent_weight = ent_weight * tl.load(token_weight_ptr + row, mask=counted,
+                                                  other=0.0).to(tl.float32)
+            loss = loss - ent_weight * entropy
         if HEAD != HEAD_NONE:
             tl.store(loss_ptr + row, tl.where(counted, loss, 0.0))
             tl.store(g_ptr + row, tl.where(counted, g, 0.0))
         # Gradient of the scalar loss: the per-call scale (1, or 1 / counted tokens for "mean").
-        g_logp = g * tl.load(scale_ptr)
+        scale = tl.load(scale_ptr)
+        g_logp = g * scale
         g_ent = g_logp * 0.0
+        if ENT_BONUS:
+            g_ent = -ent_weight * scale
     else:
         target = tl.load(target_ptr + row, mask=counted, other=0).to(tl.int64)
         m = tl.load(rowmax_ptr + row)

@@ -1,0 +1,106 @@
+"""The entropy bonus (``entropy_coef``) of the fused losses, against the float64 reference.
+
+loss_t - c * H_t per counted token (times its weight), in both implementations and both
+execution modes: the scalar losses of the chunked mode form its gradient in the forward (the
+row kernel's ENT_BONUS), the per-token path through the entropy's upstream gradient.
+"""
+
+import pytest
+import torch
+from helpers import check_against_reference, make_problem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nft_kernels import chunked, fused_linear_nft_loss, fused_linear_ppo_loss
+from nft_kernels.reference import reference_nft_loss, reference_ppo_loss, reference_with_grads
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@PROPERTY
+@given(
+    n=st.integers(1, 30), h=st.sampled_from([4, 16, 23]), v=st.sampled_from([1, 31, 97]),
+    dtype=st.sampled_from(DTYPES), bias=st.booleans(), head=st.sampled_from(["nft", "ppo"]),
+    coef=st.sampled_from([0.01, 0.5, -0.2]), temperature=st.sampled_from([1.0, 0.7]),
+    logit_scale=st.sampled_from([1.0, 20.0]), reduction=st.sampled_from(["sum", "mean", "none"]),
+    weighted=st.booleans(), chunk=st.sampled_from([None, 1, 5]), validate=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_entropy_bonus_matches_float64_reference(engine, device, n, h, v, dtype, bias, head,
+                                                 coef, temperature, logit_scale, reduction,
+                                                 weighted, chunk, validate, seed):
+    p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias, temperature=temperature,
+                     logit_scale=logit_scale)
+    gen = torch.Generator().manual_seed(seed + 2)
+    upstream = torch.rand(n, generator=gen).to(device)
+    weights = torch.rand(n, generator=gen).to(device) if weighted else None
+    advantages = torch.randn(n, generator=gen).to(device)
+    common = dict(bias=p["bias"], temperature=temperature, token_weights=weights,
+                  entropy_coef=coef, reduction=reduction, validate=validate,
+                  workspace_bytes=None if chunk is None else 4 * v * chunk, **engine)
+    if head == "nft":
+        loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
+                                     p["rewards"], p["rate"], p["mask"], **common)
+        reference, per_token_args = reference_nft_loss, (p["old"], p["rewards"], p["rate"])
+    else:
+        loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"],
+                                     advantages, p["mask"], **common)
+        reference, per_token_args = reference_ppo_loss, (p["old"], advantages)
+    if reduction == "none":
+        loss = (loss * upstream).sum()
+    loss.backward()
+
+    def objective(*args, **kwargs):
+        out = reference(*args, **{**kwargs, "reduction": "none"})
+        if weighted:
+            out = out * weights.double().cpu()
+        if reduction == "none":
+            return (out * upstream.double().cpu()).sum()
+        count = n if p["mask"] is None else int(p["mask"].sum())
+        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
+
+    cpu_args = [t.cpu() for t in per_token_args]
+    mask_cpu = None if p["mask"] is None else p["mask"].cpu()
+    options = dict(temperature=temperature, entropy_coef=coef)
+    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(), *cpu_args,
+                               mask_cpu, bias=p["bias"], **options)
+    per_token = reference(p["hidden"].detach().cpu(), p["weight"].detach().cpu(),
+                          p["target"].cpu(), *cpu_args, mask_cpu,
+                          bias=None if p["bias"] is None else p["bias"].detach().cpu(),
+                          reduction="none", **options)
+    check_against_reference(p, loss, ref, dtype, per_token.abs().sum().item())
+
+
+def test_a_zero_coefficient_does_no_entropy_work(monkeypatch):
+    """entropy_coef = 0 (the default) computes no entropy and no entropy gradient (verl #1720):
+    the row math is asked for neither, and the result equals the call without the option."""
+    seen = []
+    real = chunked.torch_rows
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["compute_entropy"], kwargs["entropy_coef"], kwargs["g_ent"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "torch_rows", spy)
+    p = make_problem(20, 16, 40, torch.float32, "cpu", seed=4)
+    args = (p["hidden"], p["weight"], p["target"], p["old"], p["rewards"], p["rate"], p["mask"])
+    plain = fused_linear_nft_loss(*args, impl="torch", mode="chunked")
+    zero = fused_linear_nft_loss(*args, impl="torch", mode="chunked", entropy_coef=0.0)
+    assert torch.equal(plain, zero)
+    assert seen and all(entry == (False, 0.0, None) for entry in seen)
+    seen.clear()
+    fused_linear_nft_loss(*args, impl="torch", mode="chunked", entropy_coef=0.1)
+    assert seen and all(entry[:2] == (True, 0.1) for entry in seen)
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (float("inf"), ValueError, "entropy_coef must be finite"),
+    ("0.1", TypeError, "entropy_coef must be a number"),
+])
+def test_bad_entropy_coef_is_named(value, error, message):
+    p = make_problem(6, 8, 20, torch.float32, "cpu", seed=0)
+    with pytest.raises(error, match=message):
+        fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
+                              p["rate"], entropy_coef=value)
