@@ -12,7 +12,7 @@ import torch
 from . import validation as val
 from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
 from .backend import engine, head_module
-from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec
+from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec, sequence_ppo_loss
 
 
 def compact_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -239,6 +239,7 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
                           bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
                           clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
                           ref_logprobs=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
+                          importance_sampling_level="token", sequence_ids=None,
                           reduction="sum", filter_eps=None, deterministic=False, impl="auto", mode="auto",
                           workspace_bytes=None, validate=True, return_stats=False):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
@@ -249,9 +250,24 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
     token count, or "mean") is the caller's choice through ``reduction``. ``mode``, the KL
     term (``ref_logprobs``, ``beta``, ``kl_estimator``), ``entropy_coef`` and the other options
     as in ``fused_linear_nft_loss``.
+
+    ``importance_sampling_level="sequence"`` (GSPO) replaces each token's ratio by its
+    response's, exp(mean of logp - old over the response's counted tokens), with
+    ``sequence_ids`` ([...] integers, equal within a response) saying which tokens form a
+    response; the loss stays per token, as in TRL and Liger. A response's ratio needs all its
+    tokens, so this path runs the fused log-probs (logits recomputed in the backward, 8NHV)
+    and the head on them by autograd.
     """
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
                      _kl_options(ref_logprobs, beta, kl_estimator), entropy_coef)
+    if _sequence_level(importance_sampling_level, sequence_ids):
+        return _sequence_ppo(hidden, weight, target, old_logprobs, advantages, mask,
+                             sequence_ids, spec, ref_logprobs=ref_logprobs,
+                             token_weights=token_weights, bias=bias, temperature=temperature,
+                             reduction=reduction, impl=impl, mode=mode,
+                             workspace_bytes=workspace_bytes, validate=validate,
+                             deterministic=deterministic, filter_eps=filter_eps,
+                             return_stats=return_stats)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None,
@@ -261,6 +277,76 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
         compute_entropy=return_stats, scalar_loss=True)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
+    return loss
+
+
+def _sequence_level(level, sequence_ids) -> bool:
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
+                         f"{level!r}")
+    if level == "sequence" and sequence_ids is None:
+        raise ValueError("sequence_ids is required with importance_sampling_level='sequence' "
+                         "(one integer per token, equal within a response)")
+    return level == "sequence"
+
+
+def _sequence_index(sequence_ids, lead, device):
+    """[N] int64 indices in [0, S) of the responses, and S (one host synchronisation)."""
+    ids = val.flatten_tokens("sequence_ids", sequence_ids, lead, device, kind="index")
+    unique, index = torch.unique(ids, return_inverse=True)
+    return index.reshape(-1), unique.numel()
+
+
+def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, spec, *,
+                  ref_logprobs, token_weights, bias, temperature, reduction, impl, mode,
+                  workspace_bytes, validate, deterministic, filter_eps, return_stats,
+                  logprobs=None):
+    """GSPO: the fused (or given) log-probs, then ``heads.sequence_ppo_loss`` by autograd.
+    With ``logprobs`` given (``ppo_clip_loss``) no hidden states are needed."""
+    val.check_reduction(reduction)
+    if filter_eps is not None:
+        raise ValueError("filter_eps does not apply with importance_sampling_level='sequence'")
+    entropy = None
+    if logprobs is None:
+        want_entropy = return_stats or spec.entropy_coef != 0.0
+        out = fused_linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature,
+                                    return_entropy=want_entropy, mask=mask, impl=impl,
+                                    mode=mode, workspace_bytes=workspace_bytes,
+                                    validate=validate, deterministic=deterministic)
+        logp, entropy = out if want_entropy else (out, None)
+    else:
+        logp = logprobs
+    lead = tuple(logp.shape)
+    dev = logp.device
+    names = {"old_logprobs": old, "advantages": advantages, "token_weights": token_weights,
+             **_per_token_ref(ref_logprobs, spec.beta)}
+    flat = {name: None if t is None else val.flatten_tokens(name, t, lead, dev)
+            for name, t in names.items()}
+    counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
+    if mask is not None:
+        counted = val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
+    index, n_seq = _sequence_index(sequence_ids, lead, dev)
+    if validate:
+        checks = val.ValueChecks()
+        if logprobs is not None:
+            checks.no_nan("logprobs", logp.reshape(-1), counted)
+        checks.per_token_values(flat, (), counted)
+        checks.run()
+    logp_flat = logp.reshape(-1).float()
+    loss_t = sequence_ppo_loss(logp_flat, flat["old_logprobs"].float(),
+                               flat["advantages"].float(), index, n_seq, counted, spec,
+                               ref=None if flat["ref_logprobs"] is None
+                               else flat["ref_logprobs"].float())
+    if entropy is not None and spec.entropy_coef != 0.0:
+        loss_t = loss_t - spec.entropy_coef * torch.where(counted, entropy.reshape(-1),
+                                                          torch.zeros_like(loss_t))
+    if flat["token_weights"] is not None:
+        loss_t = loss_t * flat["token_weights"].float()
+    n_counted = counted.sum() if mask is not None else logp.numel()
+    loss = _reduce(loss_t, n_counted, reduction, lead)
+    if return_stats:
+        return loss, {"logprobs": logp.detach(),
+                      "entropy": entropy.detach() if entropy is not None else None}
     return loss
 
 
@@ -325,11 +411,21 @@ def nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask=None, *, neg_we
 @torch.compiler.disable
 def ppo_clip_loss(logprobs, old_logprobs, advantages, mask=None, *, clip_low=0.2, clip_high=0.2,
                   clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
-                  ref_logprobs=None, beta=0.0, kl_estimator="k3", reduction="sum",
+                  ref_logprobs=None, beta=0.0, kl_estimator="k3",
+                  importance_sampling_level="token", sequence_ids=None, reduction="sum",
                   impl="auto", validate=True):
-    """The PPO-clip loss of ``fused_linear_ppo_loss`` on given log-probs."""
+    """The PPO-clip loss of ``fused_linear_ppo_loss`` on given log-probs (GSPO's
+    ``importance_sampling_level="sequence"`` included)."""
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
                      _kl_options(ref_logprobs, beta, kl_estimator))
+    if _sequence_level(importance_sampling_level, sequence_ids):
+        val.check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
+        return _sequence_ppo(None, None, None, old_logprobs, advantages, mask, sequence_ids,
+                             spec, ref_logprobs=ref_logprobs, token_weights=token_weights,
+                             bias=None, temperature=1.0, reduction=reduction, impl=impl,
+                             mode="auto", workspace_bytes=None, validate=validate,
+                             deterministic=False, filter_eps=None, return_stats=False,
+                             logprobs=logprobs)
     return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "advantages": advantages,
                                          "token_weights": token_weights,
                                          **_per_token_ref(ref_logprobs, beta)},

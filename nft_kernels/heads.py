@@ -148,3 +148,34 @@ def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=No
     if token_weights is not None:
         loss, g = loss * token_weights, g * token_weights
     return loss, g
+
+
+def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted,
+                      spec: HeadSpec, ref=None):
+    """PPO-clip with GSPO's sequence-level ratio (Zheng et al. 2025), per token, differentiable
+    by autograd (O(N) work on log-probs the fused kernels computed).
+
+    s = exp(min(mean over the response's counted tokens of (logp - old), max_log_ratio)); each
+    counted token of the response gets loss max(-A s, -A clip(s, 1 - clip_low, 1 + clip_high))
+    (the dual clip as per token), so a token-level aggregation weighs each response by its
+    counted tokens, as TRL's and Liger's ``importance_sampling_level="sequence"`` do.
+    ``sequence_index``: [N] int64 in [0, n_sequences); ``counted``: [N] bool. The KL term
+    (``spec.beta``, ``ref``) stays per token.
+    """
+    diff = torch.where(counted, logp - old, torch.zeros_like(logp))
+    total = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device)
+    total = total.index_add(0, sequence_index, diff)
+    count = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device)
+    count = count.index_add(0, sequence_index, counted.to(logp.dtype))
+    log_ratio = (total / count.clamp(min=1.0)).clamp(max=spec.max_log_ratio)
+    ratio = torch.exp(log_ratio).index_select(0, sequence_index)
+    unclipped = -advantage * ratio
+    clipped = -advantage * ratio.clamp(1.0 - spec.clip_low, 1.0 + spec.clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    if spec.clip_ratio_c > 1.0:
+        loss = torch.where(advantage < 0, torch.minimum(loss, -advantage * spec.clip_ratio_c),
+                           loss)
+    if spec.kl_code:
+        kl, _ = kl_and_grad(logp, ref, spec.kl_code)  # torch ops: autograd differentiates
+        loss = loss + spec.beta * kl
+    return torch.where(counted, loss, torch.zeros_like(loss))

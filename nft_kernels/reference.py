@@ -77,8 +77,20 @@ def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=
 def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, clip_low=0.2,
                                 clip_high=0.2, clip_ratio_c=None, max_log_ratio=10.0,
                                 ref_logprobs=None, beta=0.0, kl_estimator="k3",
-                                reduction="sum"):
-    ratio = torch.exp(torch.clamp(logp.double() - old_logprobs.double(), max=max_log_ratio))
+                                sequence_ids=None, reduction="sum"):
+    """With ``sequence_ids``: GSPO's sequence-level ratio, a response's exp(mean of its
+    counted tokens' logp - old) for each of its tokens, formed one response at a time."""
+    if sequence_ids is None:
+        ratio = torch.exp(torch.clamp(logp.double() - old_logprobs.double(), max=max_log_ratio))
+    else:
+        log_ratio = logp.double() - old_logprobs.double()
+        counted = torch.ones_like(log_ratio, dtype=torch.bool) if mask is None else mask.bool()
+        ratio = torch.zeros_like(log_ratio)
+        for sid in torch.unique(sequence_ids).tolist():
+            here = sequence_ids == sid
+            n_here = int((here & counted).sum())
+            mean = log_ratio[here & counted].sum() / max(n_here, 1)
+            ratio = torch.where(here, torch.exp(torch.clamp(mean, max=max_log_ratio)), ratio)
     adv = advantages.double()
     loss_t = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
     if clip_ratio_c is not None:
