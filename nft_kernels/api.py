@@ -50,7 +50,7 @@ def _head_inputs(flat):
             flat.get("token_weights"), flat.get("ref_logprobs"))
 
 
-def _kl_options(ref_logprobs, beta, kl_estimator) -> dict:
+def _kl_options(ref_logprobs, beta, kl_estimator, kl_bias_correction=False) -> dict:
     """HeadSpec fields of the KL-to-reference term, checked: beta >= 0; with beta > 0 the
     reference log-probs are required (with beta = 0 they are not read)."""
     val.check_scalar("beta", beta, low=0.0)
@@ -61,7 +61,10 @@ def _kl_options(ref_logprobs, beta, kl_estimator) -> dict:
     if beta > 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when beta > 0 (the reference policy's "
                          "log-probs of the target tokens, the KL term's anchor)")
-    return dict(beta=float(beta), kl=KL_ALIASES.get(kl_estimator, kl_estimator))
+    if not isinstance(kl_bias_correction, bool):
+        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    return dict(beta=float(beta), kl=KL_ALIASES.get(kl_estimator, kl_estimator),
+                kl_bias_correction=kl_bias_correction)
 
 
 def _entropy_coef(entropy_coef) -> float:
@@ -191,7 +194,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
                           *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
                           clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
                           token_weights=None, ref_logprobs=None, beta=0.0, kl_estimator="k3",
-                          entropy_coef=0.0, reduction="sum", filter_eps=None,
+                          kl_bias_correction=False, entropy_coef=0.0, reduction="sum",
+                          filter_eps=None,
                           deterministic=False, impl="auto", mode="auto", workspace_bytes=None,
                           validate=True, return_stats=False):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
@@ -207,9 +211,10 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     ``kl_estimator``: "k1" (logp - ref), "k2" ((logp - ref)^2 / 2), "k3" (e^x - x - 1,
     x = ref - logp, clipped as verl's "low_var_kl": x to [-20, 20], the estimate to <= 10) or
     "k3_unclipped" (as TRL's and Liger's GRPO losses); verl's names "kl", "mse" and
-    "low_var_kl" are accepted. ``entropy_coef`` c adds - c * H per token (H the entropy of
-    the token's softmax; an entropy bonus for c > 0, at no cost when c = 0). Token weights
-    multiply the KL and entropy terms too.
+    "low_var_kl" are accepted. ``kl_bias_correction=True`` multiplies the estimate by the
+    token's ratio R (TRL's ``use_bias_correction_kl``, its default). ``entropy_coef`` c adds
+    - c * H per token (H the entropy of the token's softmax; an entropy bonus for c > 0, at no
+    cost when c = 0). Token weights multiply the KL and entropy terms too.
 
     ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
     one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
@@ -221,7 +226,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     {"logprobs", "entropy"} per token (detached).
     """
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
-                     _kl_options(ref_logprobs, beta, kl_estimator), entropy_coef)
+                     _kl_options(ref_logprobs, beta, kl_estimator,
+                                 kl_bias_correction), entropy_coef)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "rewards": rewards, "correct_rate": correct_rate,
@@ -238,10 +244,11 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
                           bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
                           clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
-                          ref_logprobs=None, beta=0.0, kl_estimator="k3", entropy_coef=0.0,
+                          ref_logprobs=None, beta=0.0, kl_estimator="k3",
+                          kl_bias_correction=False, entropy_coef=0.0,
                           importance_sampling_level="token", sequence_ids=None,
-                          reduction="sum", filter_eps=None, deterministic=False, impl="auto", mode="auto",
-                          workspace_bytes=None, validate=True, return_stats=False):
+                          reduction="sum", filter_eps=None, deterministic=False, impl="auto",
+                          mode="auto", workspace_bytes=None, validate=True, return_stats=False):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
     clip-higher (``clip_high=0.28``), the paper's baselines, on the same kernels.
 
@@ -259,7 +266,8 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
     and the head on them by autograd.
     """
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
-                     _kl_options(ref_logprobs, beta, kl_estimator), entropy_coef)
+                     _kl_options(ref_logprobs, beta, kl_estimator,
+                                 kl_bias_correction), entropy_coef)
     if _sequence_level(importance_sampling_level, sequence_ids):
         return _sequence_ppo(hidden, weight, target, old_logprobs, advantages, mask,
                              sequence_ids, spec, ref_logprobs=ref_logprobs,
@@ -396,11 +404,12 @@ def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, uni
 def nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask=None, *, neg_weight=1.0,
              normalize=1, clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
              token_weights=None, ref_logprobs=None, beta=0.0, kl_estimator="k3",
-             reduction="sum", impl="auto", validate=True):
+             kl_bias_correction=False, reduction="sum", impl="auto", validate=True):
     """The NFT loss of ``fused_linear_nft_loss`` on log-probs the caller already has
     (differentiable w.r.t. ``logprobs``)."""
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
-                     _kl_options(ref_logprobs, beta, kl_estimator))
+                     _kl_options(ref_logprobs, beta, kl_estimator,
+                                 kl_bias_correction))
     return _on_logprobs(logprobs, spec, {"old_logprobs": old_logprobs, "rewards": rewards,
                                          "correct_rate": correct_rate,
                                          "token_weights": token_weights,
@@ -411,13 +420,14 @@ def nft_loss(logprobs, old_logprobs, rewards, correct_rate, mask=None, *, neg_we
 @torch.compiler.disable
 def ppo_clip_loss(logprobs, old_logprobs, advantages, mask=None, *, clip_low=0.2, clip_high=0.2,
                   clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
-                  ref_logprobs=None, beta=0.0, kl_estimator="k3",
+                  ref_logprobs=None, beta=0.0, kl_estimator="k3", kl_bias_correction=False,
                   importance_sampling_level="token", sequence_ids=None, reduction="sum",
                   impl="auto", validate=True):
     """The PPO-clip loss of ``fused_linear_ppo_loss`` on given log-probs (GSPO's
     ``importance_sampling_level="sequence"`` included)."""
     spec = _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
-                     _kl_options(ref_logprobs, beta, kl_estimator))
+                     _kl_options(ref_logprobs, beta, kl_estimator,
+                                 kl_bias_correction))
     if _sequence_level(importance_sampling_level, sequence_ids):
         val.check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
         return _sequence_ppo(None, None, None, old_logprobs, advantages, mask, sequence_ids,

@@ -38,12 +38,18 @@ class HeadSpec:
     # both: + beta * KL(pi || pi_ref) per token, by the estimator ``kl`` (KL_ESTIMATORS)
     beta: float = 0.0
     kl: str = "none"
+    kl_bias_correction: bool = False  # KL estimate times the token's ratio R (TRL's default)
     # fused losses: - entropy_coef * H(pi(. | context)) per token (entropy bonus; 0 = no work)
     entropy_coef: float = 0.0
 
     @property
     def code(self) -> int:
         return HEAD_KINDS.index(self.kind)
+
+    @property
+    def kl_ratio(self) -> bool:
+        """The kernels' KL_RATIO: the KL estimate times the token's ratio (bias correction)."""
+        return bool(self.kl_code and self.kl_bias_correction)
 
     @property
     def kl_code(self) -> int:
@@ -144,6 +150,14 @@ def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=No
         return zeros, zeros
     if spec.kl_code:
         kl, d_kl = kl_and_grad(logp, ref, spec.kl_code)
+        if spec.kl_bias_correction:  # d (kl R) = R (d kl + kl), or R d kl where R is clamped
+            log_ratio, clamped = _clamped_log_ratio(logp, old, spec.max_log_ratio)
+            ratio = torch.exp(log_ratio)
+            if spec.kl_code >= 3:  # k3: d kl + kl = -x where not clipped (no e^x cancellation)
+                d_sum = torch.where(d_kl != 0, logp - ref, kl)
+            else:
+                d_sum = d_kl + kl
+            kl, d_kl = kl * ratio, torch.where(clamped, d_kl, d_sum) * ratio
         loss, g = loss + spec.beta * kl, g + spec.beta * d_kl
     if token_weights is not None:
         loss, g = loss * token_weights, g * token_weights
@@ -177,5 +191,7 @@ def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted
                            loss)
     if spec.kl_code:
         kl, _ = kl_and_grad(logp, ref, spec.kl_code)  # torch ops: autograd differentiates
+        if spec.kl_bias_correction:
+            kl = kl * torch.exp((logp - old).clamp(max=spec.max_log_ratio))
         loss = loss + spec.beta * kl
     return torch.where(counted, loss, torch.zeros_like(loss))

@@ -50,16 +50,20 @@ def reference_kl(logp, ref_logprobs, estimator="k3"):
     return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
 
 
-def _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator):
+def _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, bias_correction, old, max_log_ratio):
     if beta == 0:
         return loss_t
-    return loss_t + beta * reference_kl(logp, ref_logprobs, kl_estimator)
+    kl = reference_kl(logp, ref_logprobs, kl_estimator)
+    if bias_correction:  # TRL's use_bias_correction_kl: times the token's ratio, as TRL writes it
+        kl = kl * torch.exp(torch.clamp(logp.double() - old.double(), max=max_log_ratio))
+    return loss_t + beta * kl
 
 
 def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=None, *,
                                 neg_weight=1.0, normalize=1, clip_negative=1.0,
                                 rate_clamp=(0.02, 0.98), max_log_ratio=10.0, ref_logprobs=None,
-                                beta=0.0, kl_estimator="k3", reduction="sum"):
+                                beta=0.0, kl_estimator="k3", kl_bias_correction=False,
+                                reduction="sum"):
     logp = logp.double()
     log_ratio = torch.clamp(logp - old_logprobs.double(), max=max_log_ratio)
     ratio = torch.exp(log_ratio)
@@ -70,14 +74,15 @@ def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=
     weight = {0: torch.ones_like(r_hat), 1: 1 - r_hat,
               2: torch.sqrt((1 - r_hat) / r_hat)}[normalize]
     loss_t = weight * (r * -log_ratio + neg_weight * (1 - r) * -torch.log(q_st))
-    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator)
+    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, kl_bias_correction,
+                      old_logprobs, max_log_ratio)
     return _reduce(loss_t, mask, reduction)
 
 
 def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, clip_low=0.2,
                                 clip_high=0.2, clip_ratio_c=None, max_log_ratio=10.0,
                                 ref_logprobs=None, beta=0.0, kl_estimator="k3",
-                                sequence_ids=None, reduction="sum"):
+                                kl_bias_correction=False, sequence_ids=None, reduction="sum"):
     """With ``sequence_ids``: GSPO's sequence-level ratio, a response's exp(mean of its
     counted tokens' logp - old) for each of its tokens, formed one response at a time."""
     if sequence_ids is None:
@@ -95,7 +100,8 @@ def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, cl
     loss_t = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
     if clip_ratio_c is not None:
         loss_t = torch.where(adv < 0, torch.minimum(loss_t, -adv * clip_ratio_c), loss_t)
-    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator)
+    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, kl_bias_correction,
+                      old_logprobs, max_log_ratio)
     return _reduce(loss_t, mask, reduction)
 
 

@@ -82,7 +82,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
         float(inv_temperature), **spec.kernel_scalars(),
         HAS_BIAS=bias is not None, COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
         NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=token_weights is not None,
-        KL=spec.kl_code, **config, **_precision(hidden.dtype),
+        KL=spec.kl_code, KL_RATIO=spec.kl_ratio, **config, **_precision(hidden.dtype),
     )
     return tuple(out)
 
@@ -135,7 +135,8 @@ def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSp
         ref if ref is not None else dummy,
         mask if mask is not None else dummy, loss, g, n, **spec.kernel_scalars(),
         HEAD=spec.code, NORMALIZE=int(spec.normalize), HAS_MASK=mask is not None,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, BLOCK=block,
+        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, KL_RATIO=spec.kl_ratio,
+        BLOCK=block,
     )
     return loss, g
 
@@ -169,5 +170,6 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_w
         HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STATS=bool(stats),
         WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
         COMPUTE_ENTROPY=bool(compute_entropy) or bonus, HAS_ENT_GRAD=g_ent is not None or bonus,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, ENT_BONUS=bonus, **config,
+        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, KL_RATIO=spec.kl_ratio,
+        ENT_BONUS=bonus, **config,
     )

@@ -136,8 +136,47 @@ def test_first_step_gradient_equals_trl_grpo(tmp_path, loss_type):
     assert not torch.allclose(nft[lm], grpo[lm], rtol=1e-2, atol=0.0)
 
 
+def _first_gradient_with_reference(tmp_path, trainer_cls, config_cls, name, beta):
+    """The first gradient with TRL's KL penalty against a reference model 0.05 away from the
+    policy (TRL builds its reference from the policy's path; it is then perturbed the same way
+    for every run, so the KL and its gradient are not zero)."""
+    model, tokenizer = _model(seed=3)
+    path = tmp_path / "policy"
+    model.save_pretrained(path)
+    catcher = FirstGradient()
+    args = _args(tmp_path / name, config_cls, max_steps=1, max_grad_norm=0.0, beta=beta,
+                 loss_type="dapo")
+    trainer = trainer_cls(model=str(path), reward_funcs=positional_reward, args=args,
+                          train_dataset=_dataset(), processing_class=tokenizer,
+                          callbacks=[catcher])
+    if trainer.ref_model is not None:
+        gen = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for p in trainer.ref_model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    trainer.train()
+    return catcher.grads
+
+
+def test_kl_penalty_gradient_equals_trl_grpo(tmp_path):
+    """beta != 0: the KL part of the first gradient is TRL's own (the difference between two
+    betas, so the policy parts, which follow Prop. 4.2 as above, cancel; both runs build the
+    reference model, so they sample the same completions)."""
+    runs = {(cls.__name__, beta): _first_gradient_with_reference(
+                tmp_path, cls, cfg, f"{cls.__name__}-{beta}", beta)
+            for cls, cfg in ((trl.GRPOTrainer, trl.GRPOConfig), (NFTTrainer, NFTConfig))
+            for beta in (0.25, 0.5)}
+    grpo_kl = {n: runs["GRPOTrainer", 0.5][n] - g for n, g in runs["GRPOTrainer", 0.25].items()}
+    nft_kl = {n: runs["NFTTrainer", 0.5][n] - g for n, g in runs["NFTTrainer", 0.25].items()}
+    scale = max(g.abs().max().item() for g in grpo_kl.values())
+    assert scale > 1e-4  # the perturbed reference makes the KL gradient real
+    for name, g in grpo_kl.items():
+        torch.testing.assert_close(nft_kl[name], g, rtol=1e-3, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("field, value, needle", [
-    ("loss_type", "cispo", "loss_type"), ("beta", 0.04, "beta"),
+    ("loss_type", "cispo", "loss_type"),
     ("importance_sampling_level", "sequence", "importance_sampling_level"),
     ("entropy_coef", 0.01, "entropy_coef"), ("nft_normalize", 3, "normalize"),
     ("nft_clip_negative", 0.0, "clip_negative"), ("nft_impl", "cuda", "nft_impl"),

@@ -18,9 +18,19 @@ gradient is GRPO's (Prop. 4.2), up to TRL's unbiased std; see tests/test_integra
 TRL has no dynamic sampling: a group whose answers all score the same gets zero weight (GRPO
 gives it zero advantage) and, as in TRL, still counts in the token normalizer.
 
-Not supported (a clear error at construction): ``beta != 0`` (NFT has no KL term), entropy
-bonus / high-entropy token masks, ``importance_sampling_level="sequence"``, the off-policy mask,
-two-sided clipping (``delta``), loss types other than the four above, DeepSpeed ZeRO-3.
+``beta != 0`` adds TRL's KL penalty to the reference model, beta * (e^x - x - 1) with
+x = ref - logp per token (``kl_estimator="k3_unclipped"``; times the token's ratio with TRL's
+``use_bias_correction_kl``, its default), aggregated like the loss; TRL computes the reference
+log-probs as for GRPO. One difference: with vLLM's importance-sampling
+correction on, that weight multiplies the KL term too (TRL applies it to the policy term only);
+and tokens of groups whose answers all agree, which carry no NFT signal, are left out of the
+KL term as of the loss (TRL penalises them too).
+
+Not supported (a clear error at construction): the entropy bonus (TRL averages it over tokens
+independently of ``loss_type``, which one set of token weights cannot express) and high-entropy
+token masks, ``importance_sampling_level="sequence"`` (NFT's ratio is per token), the
+off-policy mask, two-sided clipping (``delta``), loss types other than the four above,
+DeepSpeed ZeRO-3.
 GRPO-only knobs (``epsilon``, ``scale_rewards``) have no effect on NFT.
 """
 from __future__ import annotations
@@ -73,7 +83,6 @@ def check_supported(args) -> dict:
         raise ValueError(f"NFTTrainer supports loss_type in {LOSS_TYPES} (token aggregation as in "
                          f"GRPO), got loss_type={args.loss_type!r}")
     refusals = [
-        ("beta", args.beta != 0.0, "NFT has no KL term; set beta=0.0"),
         ("importance_sampling_level", args.importance_sampling_level != "token",
          "NFT's ratio is per token; set importance_sampling_level='token'"),
         ("top_entropy_quantile", args.top_entropy_quantile < 1.0,
@@ -195,6 +204,12 @@ class NFTTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             weights = weights * inputs["importance_sampling_ratio"]
         weights = weights.expand_as(mask).float().contiguous()
+        kl = {}
+        if self.beta != 0.0:  # TRL's per_token_kl, k3 unclipped, against its reference model
+            kl = dict(ref_logprobs=inputs["ref_per_token_logps"].float(), beta=self.beta,
+                      kl_estimator="k3_unclipped",
+                      kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl",
+                                                      False)))
 
         def head(hidden, lm_head):
             hidden = hidden[:, -width - 1:-1]          # the positions that predict the completion
@@ -211,7 +226,7 @@ class NFTTrainer(GRPOTrainer):
                                          per_token["rewards"], per_token["rate"], counted,
                                          bias=bias, temperature=temperature,
                                          token_weights=weights, reduction="sum", impl=impl,
-                                         return_stats=True, **loss_kwargs)
+                                         return_stats=True, **kl, **loss_kwargs)
 
         loss, stats = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                             attention_mask=torch.cat([inputs["prompt_mask"],

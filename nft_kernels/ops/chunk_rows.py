@@ -41,7 +41,7 @@ def chunk_rows_kernel(
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     WRITE_DZ: tl.constexpr, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
-    KL: tl.constexpr, ENT_BONUS: tl.constexpr,
+    KL: tl.constexpr, KL_RATIO: tl.constexpr, ENT_BONUS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -92,7 +92,7 @@ def chunk_rows_kernel(
                                      token_weight_ptr, ref_ptr, neg_weight, clip_negative,
                                      rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
                                      max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,
-                                     KL)
+                                     KL, KL_RATIO)
         # Entropy bonus (needs COMPUTE_ENTROPY and HAS_ENT_GRAD): - c w H, d / dH = - c w.
         ent_weight = entropy_coef
         if ENT_BONUS:

@@ -30,6 +30,7 @@ def fused_linear_forward_kernel(
     beta,
     HAS_BIAS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HEAD: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, KL: tl.constexpr,
+    KL_RATIO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -76,6 +77,6 @@ def fused_linear_forward_kernel(
                                      token_weight_ptr, ref_ptr, neg_weight, clip_negative,
                                      rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
                                      max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,
-                                     KL)
+                                     KL, KL_RATIO)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(grad_ptr + rows, g, mask=row_ok)

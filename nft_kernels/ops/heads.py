@@ -117,9 +117,10 @@ def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weigh
                        neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high,
                        clip_ratio_c, max_log_ratio, beta, HEAD: tl.constexpr,
                        NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
-                       KL: tl.constexpr):
+                       KL: tl.constexpr, KL_RATIO: tl.constexpr):
     """The selected head on tokens ``idx`` (where ``ok``), reading its per-token inputs, plus
-    beta * KL to the reference log-probs when KL != 0; with token weights, each token's loss
+    beta * KL to the reference log-probs when KL != 0 (times the token's ratio R with
+    KL_RATIO, TRL's bias-corrected KL); with token weights, each token's loss
     and gradient are multiplied by its weight (importance corrections, masks, custom
     aggregation). Returns (loss, g), 0 for HEAD_NONE."""
     loss = tl.zeros_like(logp)
@@ -138,6 +139,16 @@ def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weigh
     if KL != 0:
         ref = tl.load(ref_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         kl, d_kl = kl_penalty(logp, ref, KL)
+        if KL_RATIO:  # d (kl R) / d logp = R (d_kl + kl), or R d_kl where R is clamped
+            old_kl = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+            log_ratio, clamped = _clamped_log_ratio(logp, old_kl, max_log_ratio)
+            ratio = tl.exp(log_ratio)
+            if KL >= 3:  # k3: d_kl + kl = -x exactly where not clipped (no e^x cancellation)
+                d_sum = tl.where(d_kl != 0.0, logp - ref, kl)
+            else:
+                d_sum = d_kl + kl
+            d_kl = tl.where(clamped, d_kl, d_sum) * ratio
+            kl = kl * ratio
         loss = loss + beta * kl
         g = g + beta * d_kl
     if HAS_TOKEN_WEIGHTS:

@@ -20,7 +20,8 @@ def loss_head_kernel(
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     beta,
     HEAD: tl.constexpr, NORMALIZE: tl.constexpr, HAS_MASK: tl.constexpr,
-    HAS_TOKEN_WEIGHTS: tl.constexpr, KL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_TOKEN_WEIGHTS: tl.constexpr, KL: tl.constexpr, KL_RATIO: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -28,7 +29,7 @@ def loss_head_kernel(
     loss, g = head_from_pointers(logp, offs, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
                                  ref_ptr, neg_weight, clip_negative, rate_lo, rate_hi, clip_low,
                                  clip_high, clip_ratio_c, max_log_ratio, beta, HEAD, NORMALIZE,
-                                 HAS_TOKEN_WEIGHTS, KL)
+                                 HAS_TOKEN_WEIGHTS, KL, KL_RATIO)
     if HAS_MASK:
         counted = tl.load(mask_ptr + offs, mask=ok, other=0) != 0
         loss = tl.where(counted, loss, 0.0)
