@@ -78,7 +78,9 @@ def signature(kernel, consts, dtype):
 
 # The heads' optional per-token terms, off unless a variant turns them on (constexprs: code
 # that is off is not compiled at all).
-HEAD_TERMS_OFF = dict(HAS_TOKEN_WEIGHTS=False, KL=0, KL_RATIO=False, ENT_BONUS=False)
+HEAD_TERMS_OFF = dict(HAS_TOKEN_WEIGHTS=False, KL=0, KL_RATIO=False, ENT_BONUS=False,
+                      SOFTCAP=False)
+SOFTCAP_ON = dict(SOFTCAP=True)
 WITH_KL = dict(HAS_TOKEN_WEIGHTS=True, KL=3, KL_RATIO=True)
 
 
@@ -99,14 +101,16 @@ def variants():
             for name in names:
                 if kind == "forward":
                     for head, entropy, extras in ((0, True, {}), (1, False, {}), (1, True, {}),
-                                                  (2, False, {}), (2, False, WITH_KL)):
+                                                  (2, False, {}), (2, False, WITH_KL),
+                                                  (1, True, SOFTCAP_ON)):
                         yield name, dtype, options, dict(
                             HAS_BIAS=True, COMPUTE_ENTROPY=entropy, HEAD=head, NORMALIZE=2,
                             **extras, **blocks, **precision)
                     continue
-                for entropy, filtering in ((False, False), (True, True)):
+                for entropy, filtering, extras in ((False, False, {}), (True, True, {}),
+                                                   (True, False, SOFTCAP_ON)):
                     consts = dict(HAS_BIAS=True, HAS_ENT_GRAD=entropy, FILTER=filtering,
-                                  **blocks, **precision)
+                                  **extras, **blocks, **precision)
                     if name.endswith("atomic_kernel"):
                         consts["GROUP"] = GROUP
                     yield name, dtype, options, consts
@@ -117,6 +121,8 @@ def variants():
                 (True, True, 1, False, False, {}),       # scalar NFT loss: grads in the forward
                 (True, True, 1, False, False, WITH_KL),  # ... with token weights and k3 KL
                 (True, True, 2, True, True, dict(ENT_BONUS=True)),  # ... entropy bonus
+                (True, True, 1, True, False, SOFTCAP_ON),  # ... logit soft-capping
+                (False, True, 0, False, True, SOFTCAP_ON),  # recompute with soft-capping
                 (True, True, 2, True, False, {}),        # scalar PPO loss with return_stats
                 (True, False, 0, True, False, {}),       # per-token forward (log-probs, entropy)
                 (False, True, 0, False, False, {}),      # backward recompute

@@ -12,7 +12,7 @@ import torch
 from . import validation as val
 from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
 from .backend import engine, head_module
-from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec, sequence_ppo_loss
+from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec, LogitScaling, sequence_ppo_loss
 
 
 def compact_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
 
 def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, unit_names,
            reduction, filter_eps, deterministic, impl, mode, workspace_bytes, validate,
-           compute_entropy, scalar_loss):
+           compute_entropy, scalar_loss, softcap=None):
     """Shared body of the fused entry points. ``per_token``: name -> tensor or None, in the
     order (old_logprobs, reward-or-advantage, correct_rate). ``scalar_loss``: only the reduced
     loss is differentiated (its gradients may then be computed in the forward).
@@ -134,6 +134,8 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     hidden, weight, bias = _autocast(hidden, weight, bias)
     compute_entropy = compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
     val.check_scalar("temperature", temperature, low=0.0, low_open=True)
+    if softcap is not None:
+        val.check_scalar("softcap", softcap, low=0.0, low_open=True)
     val.check_reduction(reduction)
     val.check_filter_eps(filter_eps)
     dev = hidden.device
@@ -171,7 +173,8 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
         else:
             device_mask, n_counted = mask_flat, mask_flat.sum()
     old, reward, rate, token_weights, ref = _head_inputs(flat)
-    inv_t = 1.0 / float(temperature)
+    scaling = LogitScaling(inv_temperature=1.0 / float(temperature),
+                           softcap=None if softcap is None else float(softcap))
     want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     want = tuple(w and torch.is_grad_enabled() for w in want)
     # The engines pick their own precisions (fp32 logits, fp32 accumulation): no autocast.
@@ -180,18 +183,19 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
             scale = _reduction_scale(n_counted, reduction, dev)
             loss, logp, entropy = FusedLinearScalarLoss.apply(
                 h, weight, bias, target, rows, device_mask, old, reward, rate, token_weights,
-                ref, spec, inv_t, compute_entropy, eng, scale, want)
+                ref, spec, scaling, compute_entropy, eng, scale, want)
         else:
             loss_t, logp, entropy = FusedLinearHead.apply(
                 h, weight, bias, target, rows, device_mask, old, reward, rate, token_weights,
-                ref, spec, inv_t, compute_entropy, eng)
+                ref, spec, scaling, compute_entropy, eng)
             loss = _reduce(loss_t, n_counted, reduction, lead)
     return loss, logp.reshape(lead), entropy.reshape(lead)
 
 
 @torch.compiler.disable
 def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None,
-                          *, bias=None, temperature=1.0, neg_weight=1.0, normalize=1,
+                          *, bias=None, temperature=1.0, softcap=None, neg_weight=1.0,
+                          normalize=1,
                           clip_negative=1.0, rate_clamp=(0.02, 0.98), max_log_ratio=10.0,
                           token_weights=None, ref_logprobs=None, beta=0.0, kl_estimator="k3",
                           kl_bias_correction=False, entropy_coef=0.0, reduction="sum",
@@ -200,7 +204,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
                           validate=True, return_stats=False):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
 
-    Per counted token: logp = log_softmax((h W^T + b) / T)[target];
+    Per counted token: logp = log_softmax(cap(h W^T + b) / T)[target], with cap the logit
+    soft-capping of Gemma 2/3, ``softcap`` c: z -> c tanh(z / c) (None: no cap);
     R = exp(min(logp - old, max_log_ratio)); r_hat = clamp(correct_rate, *rate_clamp);
     loss = w * (r * -log R + neg_weight * (1 - r) * -log max_st((1 - r_hat R)/(1 - r_hat), eps))
     with eps = clip_negative and w = 1, 1 - r_hat, sqrt((1 - r_hat)/r_hat) for normalize 0/1/2.
@@ -234,7 +239,7 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
          "token_weights": token_weights, **_per_token_ref(ref_logprobs, beta)},
         unit_names=("rewards", "correct_rate"), reduction=reduction, filter_eps=filter_eps,
         deterministic=deterministic, impl=impl, mode=mode, workspace_bytes=workspace_bytes,
-        validate=validate, compute_entropy=return_stats, scalar_loss=True)
+        validate=validate, compute_entropy=return_stats, scalar_loss=True, softcap=softcap)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
     return loss
@@ -242,7 +247,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 
 @torch.compiler.disable
 def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *,
-                          bias=None, temperature=1.0, clip_low=0.2, clip_high=0.2,
+                          bias=None, temperature=1.0, softcap=None, clip_low=0.2,
+                          clip_high=0.2,
                           clip_ratio_c=None, max_log_ratio=10.0, token_weights=None,
                           ref_logprobs=None, beta=0.0, kl_estimator="k3",
                           kl_bias_correction=False, entropy_coef=0.0,
@@ -272,7 +278,7 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
         return _sequence_ppo(hidden, weight, target, old_logprobs, advantages, mask,
                              sequence_ids, spec, ref_logprobs=ref_logprobs,
                              token_weights=token_weights, bias=bias, temperature=temperature,
-                             reduction=reduction, impl=impl, mode=mode,
+                             softcap=softcap, reduction=reduction, impl=impl, mode=mode,
                              workspace_bytes=workspace_bytes, validate=validate,
                              deterministic=deterministic, filter_eps=filter_eps,
                              return_stats=return_stats)
@@ -282,7 +288,7 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
          "token_weights": token_weights, **_per_token_ref(ref_logprobs, beta)},
         unit_names=(), reduction=reduction, filter_eps=filter_eps, deterministic=deterministic,
         impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
-        compute_entropy=return_stats, scalar_loss=True)
+        compute_entropy=return_stats, scalar_loss=True, softcap=softcap)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
     return loss
@@ -307,6 +313,7 @@ def _sequence_index(sequence_ids, lead, device):
 
 def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, spec, *,
                   ref_logprobs, token_weights, bias, temperature, reduction, impl, mode,
+                  softcap=None,
                   workspace_bytes, validate, deterministic, filter_eps, return_stats,
                   logprobs=None):
     """GSPO: the fused (or given) log-probs, then ``heads.sequence_ppo_loss`` by autograd.
@@ -318,8 +325,8 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
     if logprobs is None:
         want_entropy = return_stats or spec.entropy_coef != 0.0
         out = fused_linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature,
-                                    return_entropy=want_entropy, mask=mask, impl=impl,
-                                    mode=mode, workspace_bytes=workspace_bytes,
+                                    softcap=softcap, return_entropy=want_entropy, mask=mask,
+                                    impl=impl, mode=mode, workspace_bytes=workspace_bytes,
                                     validate=validate, deterministic=deterministic)
         logp, entropy = out if want_entropy else (out, None)
     else:
@@ -359,10 +366,11 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
 
 
 @torch.compiler.disable
-def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
+def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0, softcap=None,
                           return_entropy=False, mask=None, impl="auto", mode="auto",
                           workspace_bytes=None, validate=True, deterministic=False):
-    """fp32 log pi(target) = log_softmax((h W^T + b) / T)[target] per token, differentiable
+    """fp32 log pi(target) = log_softmax(cap(h W^T + b) / T)[target] per token (cap: the
+    ``softcap`` soft-capping, when given), differentiable
     (and the per-token entropy of the softmax, also differentiable, with return_entropy).
 
     Under ``torch.no_grad()`` this is how a trainer recomputes old log-probs with the same
@@ -373,7 +381,7 @@ def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
         hidden, weight, target, mask, bias, temperature, HeadSpec(kind="none"), {},
         unit_names=(), reduction="none", filter_eps=None, deterministic=deterministic,
         impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
-        compute_entropy=return_entropy, scalar_loss=False)
+        compute_entropy=return_entropy, scalar_loss=False, softcap=softcap)
     del loss
     return (logp, entropy) if return_entropy else logp
 

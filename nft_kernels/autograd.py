@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .heads import HeadSpec
+from .heads import HeadSpec, LogitScaling
 
 
 def _cast(grad, like, needed):
@@ -28,11 +28,11 @@ def _cast(grad, like, needed):
 class FusedLinearScalarLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec: HeadSpec, inv_temperature: float,
+                token_weights, ref, spec: HeadSpec, scaling: LogitScaling,
                 compute_entropy: bool, engine, grad_scale, want):
         loss_t, logp, entropy, dh, dw, db = engine.forward_with_grads(
             hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
-            spec, inv_temperature, compute_entropy, want, grad_scale)
+            spec, scaling, compute_entropy, want, grad_scale)
         loss = loss_t.sum() * grad_scale
         # Cast the fp32 accumulators one at a time, dropping each before the next cast, so the
         # peak holds one fp32 buffer fewer. (For fp32 inputs .to() is a no-op.)
@@ -65,11 +65,11 @@ class FusedLinearScalarLoss(torch.autograd.Function):
 class FusedLinearHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec: HeadSpec, inv_temperature: float,
+                token_weights, ref, spec: HeadSpec, scaling: LogitScaling,
                 compute_entropy: bool, engine):
         loss, logp, entropy, g, state = engine.forward(
             hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
-            spec, inv_temperature, compute_entropy)
+            spec, scaling, compute_entropy)
         # Entropy bonus: loss_t - c w H_t (the engines computed H; its gradient goes through
         # g_ent in the backward). Padded rows hold H = 0.
         ctx.ent_weight = None
@@ -80,7 +80,7 @@ class FusedLinearHead(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, target, rows, mask, g, *state)
         ctx.n_state = len(state)
         ctx.engine = engine
-        ctx.inv_temperature = inv_temperature
+        ctx.scaling = scaling
         ctx.compute_entropy = compute_entropy
         ctx.set_materialize_grads(False)  # unused outputs give None: no work, no sync
         if not compute_entropy:
@@ -112,7 +112,7 @@ class FusedLinearHead(torch.autograd.Function):
             g_ent = g_ent.contiguous()
         with torch.autocast(hidden.device.type, enabled=False):
             dh, dw, db = ctx.engine.backward(hidden, weight, bias, target, rows, mask, state,
-                                             g_logp.contiguous(), g_ent, ctx.inv_temperature,
+                                             g_logp.contiguous(), g_ent, ctx.scaling,
                                              want)
         grad_hidden = _cast(dh, hidden, want[0])
         del dh

@@ -107,29 +107,29 @@ class ChunkedEngine:
                            **kwargs)
 
     def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec, inv_temperature, compute_entropy):
+                token_weights, ref, spec, scaling, compute_entropy):
         """Per-token (loss, logp, entropy, g) and the state the backward needs."""
         out, _, _, _ = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
-                                 token_weights, ref, spec, inv_temperature, compute_entropy,
+                                 token_weights, ref, spec, scaling, compute_entropy,
                                  stats=True,
                                  write_grads=(False, False, False))
         return (out["loss"], out["logp"], out["entropy"], out["g"],
                 (out["rowmax"], out["logsum"], out["entropy"]))
 
     def forward_with_grads(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                           token_weights, ref, spec, inv_temperature, compute_entropy, want,
+                           token_weights, ref, spec, scaling, compute_entropy, want,
                            grad_scale):
         """Per-token (loss, logp, entropy) and the gradients of sum(loss) * grad_scale."""
         out, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
-                                    token_weights, ref, spec, inv_temperature, compute_entropy,
+                                    token_weights, ref, spec, scaling, compute_entropy,
                                     stats=True, write_grads=want, grad_scale=grad_scale,
                                     entropy_coef=spec.entropy_coef)
         return out["loss"], out["logp"], out["entropy"], dh, dw, db
 
     def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
-                 inv_temperature, want):
+                 scaling, want):
         _, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, None, None, None,
-                                  None, None, HeadSpec(), inv_temperature, False, stats=False,
+                                  None, None, HeadSpec(), scaling, False, stats=False,
                                   write_grads=want,
                                   saved=state, g_logp=g_logp, g_ent=g_ent)
         return dh, dw, db
@@ -153,22 +153,22 @@ class LeanEngine:
         return rows if rows is not None else torch.arange(n, device=device)
 
     def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec, inv_temperature, compute_entropy):
+                token_weights, ref, spec, scaling, compute_entropy):
         logp, lse, entropy, loss, g = self.module.forward(
             hidden, weight, bias, target, self._rows(rows, hidden.shape[0], hidden.device), old,
-            reward, rate, token_weights, ref, spec, inv_temperature, compute_entropy)
+            reward, rate, token_weights, ref, spec, scaling, compute_entropy)
         if mask is not None:  # padded rows left in place: their values count for nothing
             logp, lse, entropy, loss, g = (torch.where(mask, t, torch.zeros_like(t))
                                            for t in (logp, lse, entropy, loss, g))
         return loss, logp, entropy, g, (lse, entropy)
 
     def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
-                 inv_temperature, want):
+                 scaling, want):
         del mask, want  # g_logp / g_ent are already 0 on padded rows
         lse, entropy = state
         return self.module.backward(hidden, weight, bias, target,
                                     self._rows(rows, hidden.shape[0], hidden.device), lse,
-                                    entropy, g_logp, g_ent, inv_temperature, self.filter_eps,
+                                    entropy, g_logp, g_ent, scaling, self.filter_eps,
                                     self.deterministic)
 
 

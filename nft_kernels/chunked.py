@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from .heads import HeadSpec, head_loss_and_grad
+from .heads import HeadSpec, LogitScaling, head_loss_and_grad
 
 DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
 # Rows of the torch row math processed together, so its temporaries stay in cache.
@@ -93,7 +93,7 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
 
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
 def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, ref, scale,
-               spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
+               spec: HeadSpec, scaling: LogitScaling, compute_entropy, stats, write_dz, out,
                saved=None, g_logp=None, g_ent=None, entropy_coef=0.0):
     """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
 
@@ -116,8 +116,9 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
             tgt = torch.where(counted, tgt, torch.zeros_like(tgt))
         if bias32 is not None:
             x.add_(bias32)
-        if inv_temperature != 1.0:
-            x.mul_(inv_temperature)
+        scaling.apply_(x)
+        # The soft cap's derivative, kept while x still holds the scaled logits.
+        cap_d = scaling.cap_derivative(x) if scaling.softcap is not None and write_dz else None
         if stats:
             x_t = x.gather(1, tgt[:, None]).squeeze(1)
             m = x.amax(dim=1)
@@ -158,10 +159,10 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
                 x.sub_(log_s[:, None]).add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None])
                 x.mul_(e).div_(s[:, None]).neg_()
                 x.scatter_add_(1, tgt[:, None], g[:, None])
-                x.mul_(inv_temperature)
+                x.mul_(scaling.inv_temperature)
             elif write_dz:
                 # dz = g (onehot - e / s) / T, formed over the chunk in place.
-                coef = g * inv_temperature
+                coef = g * scaling.inv_temperature
                 if compute_entropy:
                     x.copy_(e)
                 x.mul_((-coef / s)[:, None])
@@ -179,8 +180,10 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
             else:
                 x.exp_().mul_(-g[:, None])
             x.scatter_add_(1, tgt[:, None], g[:, None])
-            if inv_temperature != 1.0:
-                x.mul_(inv_temperature)
+            if scaling.inv_temperature != 1.0:
+                x.mul_(scaling.inv_temperature)
+        if cap_d is not None:
+            x.mul_(cap_d)
         if write_dz and counted is not None:
             x.masked_fill_(~counted[:, None], 0.0)  # padded rows: exactly 0, NaN-proof
 
@@ -195,7 +198,7 @@ def _chunks(n, c):
 
 
 def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
-        spec: HeadSpec, inv_temperature: float, compute_entropy: bool, *, row_op,
+        spec: HeadSpec, scaling: LogitScaling, compute_entropy: bool, *, row_op,
         workspace_bytes: int,
         stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None,
         entropy_coef=0.0):
@@ -248,7 +251,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
         common = dict(target=target, mask=mask, old=old, reward=reward, rate=rate,
                       token_weights=token_weights, ref=ref, scale=grad_scale, spec=spec,
-                      inv_temperature=inv_temperature, compute_entropy=compute_entropy,
+                      scaling=scaling, compute_entropy=compute_entropy,
                       stats=stats, write_dz=write_dz, out=out, saved=saved, g_logp=g_logp,
                       g_ent=g_ent, entropy_coef=entropy_coef)
         if row_op == "torch":

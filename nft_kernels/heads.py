@@ -21,6 +21,31 @@ KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
 @dataclass(frozen=True)
+class LogitScaling:
+    """How logits are formed from h W^T + b: soft-capped (Gemma 2/3: c tanh(z / c), when
+    ``softcap`` is set), then divided by the temperature."""
+    inv_temperature: float = 1.0
+    softcap: float | None = None
+
+    def kernel_scalars(self) -> dict:
+        return dict(inv_temperature=float(self.inv_temperature),
+                    softcap=float(self.softcap or 1.0))
+
+    def apply_(self, x: torch.Tensor) -> torch.Tensor:
+        """In place on fp32 logits (with bias): cap, then 1 / T."""
+        if self.softcap is not None:
+            x.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.inv_temperature != 1.0:
+            x.mul_(self.inv_temperature)
+        return x
+
+    def cap_derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """1 - tanh^2 from the scaled capped logits x (1 without a cap)."""
+        t = x / (self.inv_temperature * self.softcap)
+        return 1.0 - t * t
+
+
+@dataclass(frozen=True)
 class HeadSpec:
     kind: str = "none"  # "none" (log-probs only) | "nft" | "ppo"
     # NFT (Eq. 8): weight of the negative term (0 = RFT), prompt weight omega, eps of max_st

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .heads import HeadSpec, head_loss_and_grad
+from .heads import HeadSpec, LogitScaling, head_loss_and_grad
 
 # Elements of one fp32 [n, chunk] logits block (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
@@ -21,15 +21,15 @@ def _vocab_chunk(n_rows: int, vocab: int) -> int:
     return max(64, min(vocab, CHUNK_ELEMENTS // max(n_rows, 1)))
 
 
-def _scaled_logits(h32, weight, bias, v0, v1, inv_temperature):
+def _scaled_logits(h32, weight, bias, v0, v1, scaling: LogitScaling):
     x = h32 @ weight[v0:v1].float().T
     if bias is not None:
         x = x + bias[v0:v1].float()
-    return x * inv_temperature
+    return scaling.apply_(x)
 
 
 def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
-            spec: HeadSpec, inv_temperature: float, compute_entropy: bool):
+            spec: HeadSpec, scaling: LogitScaling, compute_entropy: bool):
     """Returns full-length fp32 (logp, lse, entropy, loss, g); uncounted rows hold 0."""
     n_total, vocab = hidden.shape[0], weight.shape[0]
     out = [torch.zeros(n_total, dtype=torch.float32, device=hidden.device) for _ in range(5)]
@@ -46,7 +46,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
     chunk = _vocab_chunk(n, vocab)
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
-        x = _scaled_logits(h32, weight, bias, v0, v1, inv_temperature)
+        x = _scaled_logits(h32, weight, bias, v0, v1, scaling)
         m_new = torch.maximum(m, x.max(dim=1).values)
         alpha = torch.exp(m - m_new)
         e = torch.exp(x - m_new[:, None])
@@ -74,7 +74,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
 
 
 def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
-             inv_temperature: float, filter_eps, deterministic: bool):
+             scaling: LogitScaling, filter_eps, deterministic: bool):
     """fp32 (dH [N, H], dW [V, H], d bias [V] or None). Always deterministic on CPU."""
     del deterministic  # chunked matmuls have a fixed summation order
     vocab, width = weight.shape
@@ -99,7 +99,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     chunk = _vocab_chunk(rows.numel(), vocab)
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
-        x = _scaled_logits(h32, weight, bias, v0, v1, inv_temperature)
+        x = _scaled_logits(h32, weight, bias, v0, v1, scaling)
         log_p = x - row_lse[:, None]
         p = torch.exp(log_p)
         onehot = torch.zeros_like(p)
@@ -110,7 +110,9 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
         dz = g[:, None] * (onehot - p)  # d logp / dz = (onehot - p) / T
         if ge is not None:
             dz = dz - ge[:, None] * p * (log_p + row_ent[:, None])  # d entropy / dz
-        dz = dz * inv_temperature
+        dz = dz * scaling.inv_temperature
+        if scaling.softcap is not None:
+            dz = dz * scaling.cap_derivative(x)
         dh_rows += dz @ weight[v0:v1].float()
         dw[v0:v1] = dz.T @ h32
         if db is not None:

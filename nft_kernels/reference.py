@@ -11,11 +11,14 @@ from __future__ import annotations
 import torch
 
 
-def reference_logprobs(hidden, weight, target, *, bias=None, temperature=1.0):
-    """(logp, entropy) per token in float64; differentiable w.r.t. the inputs."""
+def reference_logprobs(hidden, weight, target, *, bias=None, temperature=1.0, softcap=None):
+    """(logp, entropy) per token in float64; differentiable w.r.t. the inputs. ``softcap``:
+    Gemma's logit soft-capping, c tanh(z / c), before the temperature."""
     logits = hidden.double() @ weight.double().T
     if bias is not None:
         logits = logits + bias.double()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     log_probs = torch.log_softmax(logits / temperature, dim=-1)
     logp = log_probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
@@ -115,9 +118,10 @@ def _with_entropy_bonus(loss_fn, logp, entropy, mask, entropy_coef, options):
 
 
 def reference_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_rate, mask=None, *,
-                       bias=None, temperature=1.0, entropy_coef=0.0, **options):
+                       bias=None, temperature=1.0, softcap=None, entropy_coef=0.0,
+                       **options):
     logp, entropy = reference_logprobs(hidden, weight, target, bias=bias,
-                                       temperature=temperature)
+                                       temperature=temperature, softcap=softcap)
     return _with_entropy_bonus(
         lambda x, **o: reference_nft_from_logprobs(x, old_logprobs, rewards, correct_rate, mask,
                                                    **o),
@@ -125,9 +129,9 @@ def reference_nft_loss(hidden, weight, target, old_logprobs, rewards, correct_ra
 
 
 def reference_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=None, *, bias=None,
-                       temperature=1.0, entropy_coef=0.0, **options):
+                       temperature=1.0, softcap=None, entropy_coef=0.0, **options):
     logp, entropy = reference_logprobs(hidden, weight, target, bias=bias,
-                                       temperature=temperature)
+                                       temperature=temperature, softcap=softcap)
     return _with_entropy_bonus(
         lambda x, **o: reference_ppo_from_logprobs(x, old_logprobs, advantages, mask, **o),
         logp, entropy, mask, entropy_coef, options)

@@ -11,7 +11,7 @@ import os
 import torch
 import triton
 
-from .heads import HeadSpec
+from .heads import HeadSpec, LogitScaling
 from .ops.backward_atomic import fused_linear_backward_atomic_kernel
 from .ops.backward_dh import fused_linear_backward_dh_kernel
 from .ops.backward_dw import fused_linear_backward_dw_kernel
@@ -58,7 +58,7 @@ def _dummy(device):
 
 
 def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
-            spec: HeadSpec, inv_temperature: float, compute_entropy: bool):
+            spec: HeadSpec, scaling: LogitScaling, compute_entropy: bool):
     n_total, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -79,8 +79,9 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
         logp, lse, entropy, loss, g,
         n, vocab, width,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        float(inv_temperature), **spec.kernel_scalars(),
-        HAS_BIAS=bias is not None, COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
+        **scaling.kernel_scalars(), **spec.kernel_scalars(),
+        HAS_BIAS=bias is not None, SOFTCAP=scaling.softcap is not None,
+        COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
         NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=token_weights is not None,
         KL=spec.kl_code, KL_RATIO=spec.kl_ratio, **config, **_precision(hidden.dtype),
     )
@@ -88,7 +89,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
 
 
 def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
-             inv_temperature: float, filter_eps, deterministic: bool):
+             scaling: LogitScaling, filter_eps, deterministic: bool):
     n_total, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -102,13 +103,15 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     config = tiles("backward", hidden.dtype)
     common = dict(
         HAS_BIAS=bias is not None, HAS_ENT_GRAD=g_ent is not None,
-        FILTER=filter_eps is not None, **config, **_precision(hidden.dtype),
+        FILTER=filter_eps is not None, SOFTCAP=scaling.softcap is not None, **config,
+        **_precision(hidden.dtype),
     )
     row_args = (hidden, weight, bias if bias is not None else dummy, target, rows, lse,
                 entropy, g_logp, g_ent if g_ent is not None else dummy)
     sizes = (n, vocab, width, hidden.stride(0), hidden.stride(1), weight.stride(0),
-             weight.stride(1), float(inv_temperature),
-             float(filter_eps) if filter_eps is not None else 0.0)
+             weight.stride(1), float(scaling.inv_temperature),
+             float(filter_eps) if filter_eps is not None else 0.0,
+             float(scaling.softcap or 1.0))
     num_n = triton.cdiv(n, config["BLOCK_N"])
     num_v = triton.cdiv(vocab, config["BLOCK_V"])
     if deterministic:
@@ -142,7 +145,8 @@ def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSp
 
 
 def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, ref,
-               scale, spec: HeadSpec, inv_temperature, compute_entropy, stats, write_dz, out,
+               scale, spec: HeadSpec, scaling: LogitScaling, compute_entropy, stats, write_dz,
+               out,
                saved=None, g_logp=None, g_ent=None, entropy_coef=0.0):
     """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
     in its own dtype. ``entropy_coef`` != 0: the entropy bonus, in the loss and in dz."""
@@ -165,9 +169,10 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_w
         opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate),
         opt(token_weights), opt(ref), scale,
         *per_token, opt(g_logp), opt(g_ent),
-        ws.shape[1], float(inv_temperature), **spec.kernel_scalars(),
+        ws.shape[1], **scaling.kernel_scalars(), **spec.kernel_scalars(),
         entropy_coef=float(entropy_coef),
-        HAS_BIAS=bias is not None, HAS_MASK=mask is not None, STATS=bool(stats),
+        HAS_BIAS=bias is not None, SOFTCAP=scaling.softcap is not None,
+        HAS_MASK=mask is not None, STATS=bool(stats),
         WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
         COMPUTE_ENTROPY=bool(compute_entropy) or bonus, HAS_ENT_GRAD=g_ent is not None or bonus,
         HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, KL_RATIO=spec.kl_ratio,

@@ -24,8 +24,9 @@ def fused_linear_backward_atomic_kernel(
     dh_ptr, dw_ptr, db_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature, filter_eps,
+    inv_temperature, filter_eps, softcap,
     HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -52,12 +53,13 @@ def fused_linear_backward_atomic_kernel(
     offs_v64 = offs_v.to(tl.int64)
     x = scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
                            stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
-                           HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
+                           softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
+                           IEEE)
     if FILTER:
         if tile_is_negligible(x, offs_v, target, lse, g_logp, g_ent, filter_eps):
             return
     dz = dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy, inv_temperature,
-                      HAS_ENT_GRAD)
+                      softcap, HAS_ENT_GRAD, SOFTCAP)
     if HAS_BIAS:
         tl.atomic_add(db_ptr + offs_v64, tl.sum(dz, axis=0), mask=col_ok)
     if not DOT_FP32:

@@ -17,8 +17,9 @@ def fused_linear_backward_dw_kernel(
     dw_ptr, db_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature, filter_eps,
+    inv_temperature, filter_eps, softcap,
     HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -35,13 +36,14 @@ def fused_linear_backward_dw_kernel(
         if active:
             x = scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
                                    stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
-                                   HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
+                                   softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
+                                   IEEE)
             skip = False
             if FILTER:
                 skip = tile_is_negligible(x, offs_v, target, lse, g_logp, g_ent, filter_eps)
             if not skip:
                 dz = dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy,
-                                  inv_temperature, HAS_ENT_GRAD)
+                                  inv_temperature, softcap, HAS_ENT_GRAD, SOFTCAP)
                 db += tl.sum(dz, axis=0)
                 if not DOT_FP32:
                     dz = dz.to(hidden_ptr.dtype.element_ty)

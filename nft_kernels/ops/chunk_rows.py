@@ -4,14 +4,16 @@ The chunked mode (``nft_kernels/chunked.py``) computes a chunk of C rows of logi
 vendor GEMM into an fp32 workspace; this kernel then does everything else that touches them,
 one program per row, streaming the row in BLOCK_V blocks:
 
-pass 1 (STATS): x = (logits + b) / T; online fp32 max m, s = sum exp(x - m) and
-    t = sum exp(x - m)(x - m) (entropy H = log s - t / s); the target logit; then
+pass 1 (STATS): x = cap(logits + b) / T (cap: soft-capping, when on); online fp32 max m,
+    s = sum exp(x - m) and t = sum exp(x - m)(x - m) (entropy H = log s - t / s); the target
+    logit; then
     logp = x_target - m - log s and the loss head of Eq. 8 (NFT) or PPO-clip, which gives
     loss_t and g_t = d loss_t / d logp_t (both times the token's weight, when given); with
     ENT_BONUS, loss_t - c w H and, for the gradient in the forward, g_ent = -c w.
 pass 2 (WRITE_DZ): dz = g (onehot - p) / T  (- g_ent p (log p + H) / T when the entropy is
-    differentiated), with log p = (x - m) - log s formed from the row max so that it keeps its
-    precision at large logits. dz is written over the row's own logits, in the dtype of the
+    differentiated; times the cap's derivative 1 - tanh^2 with soft-capping), with
+    log p = (x - m) - log s formed from the row max so that it keeps its precision at large
+    logits. dz is written over the row's own logits, in the dtype of the
     gradient GEMMs (bf16/fp16 for 16-bit inputs: the first half of the row's fp32 bytes). The
     two gradient products dH = dz W and dW += dz^T h are then vendor GEMMs on the chunk.
 
@@ -26,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .heads import HEAD_NONE, head_from_pointers
+from .tiles import soft_cap, soft_cap_derivative
 
 
 @triton.jit
@@ -35,10 +38,10 @@ def chunk_rows_kernel(
     old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr, scale_ptr,
     logp_ptr, rowmax_ptr, logsum_ptr, entropy_ptr, loss_ptr, g_ptr,
     g_logp_ptr, g_ent_ptr,
-    V, inv_temperature,
+    V, inv_temperature, softcap,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     beta, entropy_coef,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     WRITE_DZ: tl.constexpr, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
     KL: tl.constexpr, KL_RATIO: tl.constexpr, ENT_BONUS: tl.constexpr,
@@ -64,7 +67,9 @@ def chunk_rows_kernel(
             x = tl.load(logits_row + cols, mask=ok, other=float("-inf"))
             if HAS_BIAS:
                 x = x + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            x = x * inv_temperature
+            x = soft_cap(x, softcap, SOFTCAP) * inv_temperature
+            if SOFTCAP:  # padded columns stay -inf (the cap maps -inf to -c)
+                x = tl.where(ok, x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, axis=0))
             alpha = tl.exp(m - m_new)
             e = tl.exp(x - m_new)  # padded columns: exp(-inf) = 0
@@ -80,7 +85,7 @@ def chunk_rows_kernel(
         x_t = tl.load(logits_row + target, mask=counted, other=0.0)
         if HAS_BIAS:
             x_t = x_t + tl.load(bias_ptr + target, mask=counted, other=0.0).to(tl.float32)
-        x_t = x_t * inv_temperature
+        x_t = soft_cap(x_t, softcap, SOFTCAP) * inv_temperature
         logp = (x_t - m) - log_s
         entropy = log_s - t / s
         tl.store(logp_ptr + row, tl.where(counted, logp, 0.0))
@@ -127,13 +132,17 @@ def chunk_rows_kernel(
             x = tl.load(logits_row + cols, mask=ok, other=float("-inf"))
             if HAS_BIAS:
                 x = x + tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-            x = x * inv_temperature
+            x = soft_cap(x, softcap, SOFTCAP) * inv_temperature
+            if SOFTCAP:
+                x = tl.where(ok, x, float("-inf"))
             log_p = (x - m) - log_s
             p = tl.exp(log_p)
             onehot = tl.where(cols == target, 1.0, 0.0)
             dz = g_logp * (onehot - p)  # d logp / dz = (onehot - p) / T
             if HAS_ENT_GRAD:
                 dz = dz - g_ent * p * (tl.where(ok, log_p, 0.0) + entropy)  # d H / dz
+            if SOFTCAP:  # the cap's derivative 1 - tanh^2
+                dz = dz * soft_cap_derivative(x, inv_temperature, softcap)
             dz = tl.where(counted, dz * inv_temperature, 0.0)  # masked rows: NaN-proof zero
             # dz may alias this row's logits (16-bit dz fills the first half of the row's fp32
             # bytes): every thread must have read this block before any thread overwrites it.

@@ -25,10 +25,11 @@ def fused_linear_forward_kernel(
     logp_ptr, lse_ptr, entropy_ptr, loss_ptr, grad_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature,
+    inv_temperature, softcap,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     beta,
-    HAS_BIAS: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HEAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    HEAD: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, KL: tl.constexpr,
     KL_RATIO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -50,7 +51,8 @@ def fused_linear_forward_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         x = scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
                                stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
-                               HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32, IEEE)
+                               softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
+                               IEEE)
         m_new = tl.maximum(m, tl.max(x, axis=1))
         alpha = tl.exp(m - m_new)
         e = tl.exp(x - m_new[:, None])

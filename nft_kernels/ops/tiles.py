@@ -22,11 +22,38 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def tanh(u):
+    """tanh from exp (no tl.tanh on every Triton version): sign(u) (1 - e^-2|u|) / (1 + e^-2|u|),
+    which never overflows."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def soft_cap(z, softcap, SOFTCAP: tl.constexpr):
+    """Logit soft-capping (Gemma 2/3): c tanh(z / c), before the temperature."""
+    if SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def soft_cap_derivative(x, inv_temperature, softcap):
+    """d capped / d z = 1 - tanh^2, from the scaled capped logits x = c tanh(z / c) / T;
+    0 on padded (-inf) columns, whose dz is 0 anyway (no 0 * inf)."""
+    t = x / (inv_temperature * softcap)
+    return tl.where(x == float("-inf"), 0.0, 1.0 - t * t)
+
+
+@triton.jit
 def scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
-                       stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
-                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                       BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """x = (h W^T + b) / T for one [BLOCK_N, BLOCK_V] tile, fp32; columns >= V are -inf.
+                       stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature, softcap,
+                       HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, DOT_FP32: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """x = cap((h W^T + b)) / T for one [BLOCK_N, BLOCK_V] tile, fp32 (cap: soft-capping
+    when SOFTCAP); columns >= V are -inf.
 
     ``rows`` are int64 row indices into ``hidden`` (the compacted list of counted tokens).
     """
@@ -45,17 +72,18 @@ def scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_v64, mask=col_ok, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    x = acc * inv_temperature
+    x = soft_cap(acc, softcap, SOFTCAP) * inv_temperature
     # Padded columns must be -inf (not 0): exp(0) would leak into the softmax (verl #2656).
     return tl.where(col_ok[None, :], x, float("-inf"))
 
 
 @triton.jit
-def dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy, inv_temperature,
-                 HAS_ENT_GRAD: tl.constexpr):
+def dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy, inv_temperature, softcap,
+                 HAS_ENT_GRAD: tl.constexpr, SOFTCAP: tl.constexpr):
     """dLoss/dz for one tile, from the recomputed scaled logits x.
 
-    d logp / dz = (onehot - p) / T; d entropy / dz = -p (log p + H) / T with log p = x - lse.
+    d logp / dz = (onehot - p) / T; d entropy / dz = -p (log p + H) / T with log p = x - lse;
+    with soft-capping, times 1 - tanh^2 (the cap's derivative).
     """
     log_p = x - lse[:, None]
     p = tl.exp(log_p)  # -inf columns give 0
@@ -66,6 +94,8 @@ def dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy, inv_temperature
         safe_log_p = tl.where(p > 0.0, log_p, 0.0)  # avoid 0 * -inf on padded columns
         dz = dz - g_ent[:, None] * p * (safe_log_p + entropy[:, None])
         carries = carries | (g_ent != 0.0)
+    if SOFTCAP:
+        dz = dz * soft_cap_derivative(x, inv_temperature, softcap)
     # Rows that carry no gradient (padding left in place, RFT negatives) give exactly 0, even
     # where their logits are not finite.
     return tl.where(carries[:, None], dz * inv_temperature, 0.0)
