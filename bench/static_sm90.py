@@ -79,8 +79,8 @@ def signature(kernel, consts, dtype):
 # The heads' optional per-token terms, off unless a variant turns them on (constexprs: code
 # that is off is not compiled at all).
 HEAD_TERMS_OFF = dict(HAS_TOKEN_WEIGHTS=False, KL=0, KL_RATIO=False, ENT_BONUS=False,
-                      SOFTCAP=False)
-SOFTCAP_ON = dict(SOFTCAP=True)
+                      SOFTCAP=False, PER_TOKEN_T=False)
+SOFTCAP_ON = dict(SOFTCAP=True, PER_TOKEN_T=True)  # soft-capping with per-token temperatures
 WITH_KL = dict(HAS_TOKEN_WEIGHTS=True, KL=3, KL_RATIO=True)
 
 

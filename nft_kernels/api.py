@@ -133,7 +133,9 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     val.check_linear_inputs(hidden, weight, bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     compute_entropy = compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
-    val.check_scalar("temperature", temperature, low=0.0, low_open=True)
+    per_token_t = isinstance(temperature, torch.Tensor)
+    if not per_token_t:
+        val.check_scalar("temperature", temperature, low=0.0, low_open=True)
     if softcap is not None:
         val.check_scalar("softcap", softcap, low=0.0, low_open=True)
     val.check_reduction(reduction)
@@ -150,9 +152,12 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     mask_flat = None
     if mask is not None:
         mask_flat = (val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+    temps = val.flatten_tokens("temperature", temperature, lead, dev) if per_token_t else None
 
     checks = val.ValueChecks()
     if validate:
+        if temps is not None:
+            checks.positive("temperature", temps, mask_flat)
         checks.targets(target, weight.shape[0], mask_flat)
         checks.per_token_values(flat, unit_names, mask_flat)
         checks.finite_tensor("hidden", h)
@@ -173,8 +178,14 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
         else:
             device_mask, n_counted = mask_flat, mask_flat.sum()
     old, reward, rate, token_weights, ref = _head_inputs(flat)
-    scaling = LogitScaling(inv_temperature=1.0 / float(temperature),
-                           softcap=None if softcap is None else float(softcap))
+    cap = None if softcap is None else float(softcap)
+    if temps is None:
+        scaling = LogitScaling(inv_temperature=1.0 / float(temperature), softcap=cap)
+    else:  # 1 / T per token; padded tokens get 1 (their temperature may be anything)
+        inv_t = 1.0 / temps.float()
+        if mask_flat is not None:
+            inv_t = torch.where(mask_flat, inv_t, torch.ones_like(inv_t))
+        scaling = LogitScaling(softcap=cap, inv_temperature_t=inv_t.contiguous())
     want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     want = tuple(w and torch.is_grad_enabled() for w in want)
     # The engines pick their own precisions (fp32 logits, fp32 accumulation): no autocast.

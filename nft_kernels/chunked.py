@@ -116,9 +116,11 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
             tgt = torch.where(counted, tgt, torch.zeros_like(tgt))
         if bias32 is not None:
             x.add_(bias32)
-        scaling.apply_(x)
+        scaling.apply_(x, idx)
+        inv_t = scaling.inv(idx)  # 1 / T: a float, or this block's column of per-token values
         # The soft cap's derivative, kept while x still holds the scaled logits.
-        cap_d = scaling.cap_derivative(x) if scaling.softcap is not None and write_dz else None
+        cap_d = (scaling.cap_derivative(x, idx) if scaling.softcap is not None and write_dz
+                 else None)
         if stats:
             x_t = x.gather(1, tgt[:, None]).squeeze(1)
             m = x.amax(dim=1)
@@ -159,14 +161,14 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
                 x.sub_(log_s[:, None]).add_(ent[:, None]).mul_(ge[:, None]).add_(g[:, None])
                 x.mul_(e).div_(s[:, None]).neg_()
                 x.scatter_add_(1, tgt[:, None], g[:, None])
-                x.mul_(scaling.inv_temperature)
+                x.mul_(inv_t)
             elif write_dz:
                 # dz = g (onehot - e / s) / T, formed over the chunk in place.
-                coef = g * scaling.inv_temperature
+                coef = g[:, None] * inv_t
                 if compute_entropy:
                     x.copy_(e)
-                x.mul_((-coef / s)[:, None])
-                x.scatter_add_(1, tgt[:, None], coef[:, None])
+                x.mul_(-coef / s[:, None])
+                x.scatter_add_(1, tgt[:, None], coef)
         else:
             rowmax, logsum, entropy = saved
             g = g_logp.index_select(0, idx)
@@ -180,8 +182,8 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
             else:
                 x.exp_().mul_(-g[:, None])
             x.scatter_add_(1, tgt[:, None], g[:, None])
-            if scaling.inv_temperature != 1.0:
-                x.mul_(scaling.inv_temperature)
+            if not isinstance(inv_t, float) or inv_t != 1.0:
+                x.mul_(inv_t)
         if cap_d is not None:
             x.mul_(cap_d)
         if write_dz and counted is not None:

@@ -20,28 +20,43 @@ KL_ESTIMATORS = ("none", "k1", "k2", "k3", "k3_unclipped")
 KL_ALIASES = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LogitScaling:
     """How logits are formed from h W^T + b: soft-capped (Gemma 2/3: c tanh(z / c), when
-    ``softcap`` is set), then divided by the temperature."""
+    ``softcap`` is set), then divided by the temperature: one float, or one per token
+    (``inv_temperature_t``, [N] fp32, which then replaces the float)."""
     inv_temperature: float = 1.0
     softcap: float | None = None
+    inv_temperature_t: torch.Tensor | None = None
 
-    def kernel_scalars(self) -> dict:
+    def kernel_args(self, dummy) -> dict:
+        per_token = self.inv_temperature_t
         return dict(inv_temperature=float(self.inv_temperature),
-                    softcap=float(self.softcap or 1.0))
+                    softcap=float(self.softcap or 1.0),
+                    inv_t_ptr=dummy if per_token is None else per_token)
 
-    def apply_(self, x: torch.Tensor) -> torch.Tensor:
-        """In place on fp32 logits (with bias): cap, then 1 / T."""
+    def kernel_flags(self) -> dict:
+        return dict(SOFTCAP=self.softcap is not None,
+                    PER_TOKEN_T=self.inv_temperature_t is not None)
+
+    def inv(self, rows=None):
+        """1 / T for ``rows`` (int64 indices): a float, or a [rows, 1] column per token."""
+        if self.inv_temperature_t is None:
+            return self.inv_temperature
+        return self.inv_temperature_t.index_select(0, rows)[:, None]
+
+    def apply_(self, x: torch.Tensor, rows=None) -> torch.Tensor:
+        """In place on fp32 logits [rows, ...] (with bias): cap, then 1 / T."""
         if self.softcap is not None:
             x.div_(self.softcap).tanh_().mul_(self.softcap)
-        if self.inv_temperature != 1.0:
-            x.mul_(self.inv_temperature)
+        inv = self.inv(rows)
+        if not isinstance(inv, float) or inv != 1.0:
+            x.mul_(inv)
         return x
 
-    def cap_derivative(self, x: torch.Tensor) -> torch.Tensor:
-        """1 - tanh^2 from the scaled capped logits x (1 without a cap)."""
-        t = x / (self.inv_temperature * self.softcap)
+    def cap_derivative(self, x: torch.Tensor, rows=None) -> torch.Tensor:
+        """1 - tanh^2 from the scaled capped logits x (only with a cap)."""
+        t = x / (self.inv(rows) * self.softcap)
         return 1.0 - t * t
 
 

@@ -21,11 +21,11 @@ def _vocab_chunk(n_rows: int, vocab: int) -> int:
     return max(64, min(vocab, CHUNK_ELEMENTS // max(n_rows, 1)))
 
 
-def _scaled_logits(h32, weight, bias, v0, v1, scaling: LogitScaling):
+def _scaled_logits(h32, weight, bias, v0, v1, scaling: LogitScaling, rows):
     x = h32 @ weight[v0:v1].float().T
     if bias is not None:
         x = x + bias[v0:v1].float()
-    return scaling.apply_(x)
+    return scaling.apply_(x, rows)
 
 
 def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
@@ -46,7 +46,7 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
     chunk = _vocab_chunk(n, vocab)
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
-        x = _scaled_logits(h32, weight, bias, v0, v1, scaling)
+        x = _scaled_logits(h32, weight, bias, v0, v1, scaling, rows)
         m_new = torch.maximum(m, x.max(dim=1).values)
         alpha = torch.exp(m - m_new)
         e = torch.exp(x - m_new[:, None])
@@ -99,7 +99,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     chunk = _vocab_chunk(rows.numel(), vocab)
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
-        x = _scaled_logits(h32, weight, bias, v0, v1, scaling)
+        x = _scaled_logits(h32, weight, bias, v0, v1, scaling, rows)
         log_p = x - row_lse[:, None]
         p = torch.exp(log_p)
         onehot = torch.zeros_like(p)
@@ -110,9 +110,9 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
         dz = g[:, None] * (onehot - p)  # d logp / dz = (onehot - p) / T
         if ge is not None:
             dz = dz - ge[:, None] * p * (log_p + row_ent[:, None])  # d entropy / dz
-        dz = dz * scaling.inv_temperature
+        dz = dz * scaling.inv(rows)
         if scaling.softcap is not None:
-            dz = dz * scaling.cap_derivative(x)
+            dz = dz * scaling.cap_derivative(x, rows)
         dh_rows += dz @ weight[v0:v1].float()
         dw[v0:v1] = dz.T @ h32
         if db is not None:

@@ -19,6 +19,8 @@ def reference_logprobs(hidden, weight, target, *, bias=None, temperature=1.0, so
         logits = logits + bias.double()
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
+    if isinstance(temperature, torch.Tensor):  # one temperature per token
+        temperature = temperature.double().unsqueeze(-1)
     log_probs = torch.log_softmax(logits / temperature, dim=-1)
     logp = log_probs.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)

@@ -79,8 +79,8 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
         logp, lse, entropy, loss, g,
         n, vocab, width,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        **scaling.kernel_scalars(), **spec.kernel_scalars(),
-        HAS_BIAS=bias is not None, SOFTCAP=scaling.softcap is not None,
+        **scaling.kernel_args(dummy), **spec.kernel_scalars(),
+        HAS_BIAS=bias is not None, **scaling.kernel_flags(),
         COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
         NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=token_weights is not None,
         KL=spec.kl_code, KL_RATIO=spec.kl_ratio, **config, **_precision(hidden.dtype),
@@ -103,7 +103,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     config = tiles("backward", hidden.dtype)
     common = dict(
         HAS_BIAS=bias is not None, HAS_ENT_GRAD=g_ent is not None,
-        FILTER=filter_eps is not None, SOFTCAP=scaling.softcap is not None, **config,
+        FILTER=filter_eps is not None, **scaling.kernel_flags(), **config,
         **_precision(hidden.dtype),
     )
     row_args = (hidden, weight, bias if bias is not None else dummy, target, rows, lse,
@@ -111,7 +111,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     sizes = (n, vocab, width, hidden.stride(0), hidden.stride(1), weight.stride(0),
              weight.stride(1), float(scaling.inv_temperature),
              float(filter_eps) if filter_eps is not None else 0.0,
-             float(scaling.softcap or 1.0))
+             float(scaling.softcap or 1.0), scaling.kernel_args(dummy)["inv_t_ptr"])
     num_n = triton.cdiv(n, config["BLOCK_N"])
     num_v = triton.cdiv(vocab, config["BLOCK_V"])
     if deterministic:
@@ -169,9 +169,9 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_w
         opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate),
         opt(token_weights), opt(ref), scale,
         *per_token, opt(g_logp), opt(g_ent),
-        ws.shape[1], **scaling.kernel_scalars(), **spec.kernel_scalars(),
+        ws.shape[1], **scaling.kernel_args(dummy), **spec.kernel_scalars(),
         entropy_coef=float(entropy_coef),
-        HAS_BIAS=bias is not None, SOFTCAP=scaling.softcap is not None,
+        HAS_BIAS=bias is not None, **scaling.kernel_flags(),
         HAS_MASK=mask is not None, STATS=bool(stats),
         WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
         COMPUTE_ENTROPY=bool(compute_entropy) or bonus, HAS_ENT_GRAD=g_ent is not None or bonus,

@@ -154,6 +154,15 @@ class ValueChecks:
             else:
                 self.finite(name, value, where)
 
+    def positive(self, name, value, where=None):
+        bad = _masked(~(torch.isfinite(value) & (value > 0)), where)
+
+        def explain():
+            first = value[bad][0].item()
+            return (f"{name} must be finite and > 0 on counted tokens; found {first!r} "
+                    f"({int(bad.sum())} values)")
+        self.add(bad.any(), explain)
+
     def nonnegative(self, name, value, where=None):
         bad = _masked(~(torch.isfinite(value) & (value >= 0)), where)
 

@@ -7,7 +7,14 @@ logits and adding dz^T @ h with a plain load/add/store: bit-identical run to run
 import triton
 import triton.language as tl
 
-from .tiles import _dot, dlogits_tile, load_row_state, scaled_logits_tile, tile_is_negligible
+from .tiles import (
+    _dot,
+    dlogits_tile,
+    load_row_state,
+    row_inv_temperature,
+    scaled_logits_tile,
+    tile_is_negligible,
+)
 
 
 @triton.jit
@@ -17,9 +24,9 @@ def fused_linear_backward_dw_kernel(
     dw_ptr, db_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature, filter_eps, softcap,
+    inv_temperature, filter_eps, softcap, inv_t_ptr,
     HAS_BIAS: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, FILTER: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, PER_TOKEN_T: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
     DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -33,9 +40,11 @@ def fused_linear_backward_dw_kernel(
         rows, row_ok, target, lse, g_logp, g_ent, entropy, active = load_row_state(
             rows_ptr, target_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, offs_n, n_rows,
             HAS_ENT_GRAD)
+        inv_t = row_inv_temperature(inv_t_ptr, rows, row_ok, inv_temperature,
+                                    PER_TOKEN_T)
         if active:
             x = scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
-                                   stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+                                   stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
                                    softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
                                    IEEE)
             skip = False
@@ -43,7 +52,7 @@ def fused_linear_backward_dw_kernel(
                 skip = tile_is_negligible(x, offs_v, target, lse, g_logp, g_ent, filter_eps)
             if not skip:
                 dz = dlogits_tile(x, offs_v, target, lse, g_logp, g_ent, entropy,
-                                  inv_temperature, softcap, HAS_ENT_GRAD, SOFTCAP)
+                                  inv_t, softcap, HAS_ENT_GRAD, SOFTCAP)
                 db += tl.sum(dz, axis=0)
                 if not DOT_FP32:
                     dz = dz.to(hidden_ptr.dtype.element_ty)

@@ -38,10 +38,11 @@ def chunk_rows_kernel(
     old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr, scale_ptr,
     logp_ptr, rowmax_ptr, logsum_ptr, entropy_ptr, loss_ptr, g_ptr,
     g_logp_ptr, g_ent_ptr,
-    V, inv_temperature, softcap,
+    V, inv_temperature, softcap, inv_t_ptr,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     beta, entropy_coef,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PER_TOKEN_T: tl.constexpr,
+    HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     WRITE_DZ: tl.constexpr, HEAD: tl.constexpr, NORMALIZE: tl.constexpr,
     COMPUTE_ENTROPY: tl.constexpr, HAS_ENT_GRAD: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
     KL: tl.constexpr, KL_RATIO: tl.constexpr, ENT_BONUS: tl.constexpr,
@@ -49,6 +50,8 @@ def chunk_rows_kernel(
 ):
     pid = tl.program_id(0).to(tl.int64)
     row = tl.load(rows_ptr + pid)  # the token's index in the caller's [N] tensors
+    if PER_TOKEN_T:  # this token's own 1 / T
+        inv_temperature = tl.load(inv_t_ptr + row)
     logits_row = logits_ptr + pid * stride_logits
     counted = True
     if HAS_MASK:

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .heads import HEAD_NONE, head_from_pointers
-from .tiles import scaled_logits_tile
+from .tiles import row_inv_temperature, scaled_logits_tile
 
 
 @triton.jit
@@ -25,10 +25,11 @@ def fused_linear_forward_kernel(
     logp_ptr, lse_ptr, entropy_ptr, loss_ptr, grad_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
-    inv_temperature, softcap,
+    inv_temperature, softcap, inv_t_ptr,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     beta,
-    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, PER_TOKEN_T: tl.constexpr,
+    COMPUTE_ENTROPY: tl.constexpr,
     HEAD: tl.constexpr,
     NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr, KL: tl.constexpr,
     KL_RATIO: tl.constexpr,
@@ -40,6 +41,7 @@ def fused_linear_forward_kernel(
     row_ok = offs_n < n_rows
     rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0)
     target = tl.load(target_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    inv_t = row_inv_temperature(inv_t_ptr, rows, row_ok, inv_temperature, PER_TOKEN_T)
 
     # Start the running max at -inf; every tile holds at least one real column, so m is finite
     # after the first tile.
@@ -50,7 +52,7 @@ def fused_linear_forward_kernel(
     for v0 in range(0, V, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         x = scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
-                               stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature,
+                               stride_hn, stride_hh, stride_wv, stride_wh, inv_t,
                                softcap, HAS_BIAS, SOFTCAP, BLOCK_N, BLOCK_V, BLOCK_H, DOT_FP32,
                                IEEE)
         m_new = tl.maximum(m, tl.max(x, axis=1))

@@ -47,6 +47,16 @@ def soft_cap_derivative(x, inv_temperature, softcap):
 
 
 @triton.jit
+def row_inv_temperature(inv_t_ptr, rows, row_ok, inv_temperature, PER_TOKEN_T: tl.constexpr):
+    """1 / T for a tile's rows: the scalar, or with PER_TOKEN_T each row's own ([BLOCK_N, 1],
+    so that it broadcasts over the tile's columns)."""
+    inv_t = inv_temperature
+    if PER_TOKEN_T:
+        inv_t = tl.load(inv_t_ptr + rows, mask=row_ok, other=1.0)[:, None]
+    return inv_t
+
+
+@triton.jit
 def scaled_logits_tile(hidden_ptr, weight_ptr, bias_ptr, rows, row_ok, offs_v, V, H,
                        stride_hn, stride_hh, stride_wv, stride_wh, inv_temperature, softcap,
                        HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
