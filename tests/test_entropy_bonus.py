@@ -7,12 +7,12 @@ row kernel's ENT_BONUS), the per-token path through the entropy's upstream gradi
 
 import pytest
 import torch
-from helpers import check_against_reference, make_problem
+from helpers import check_fused_against_reference, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nft_kernels import chunked, fused_linear_nft_loss, fused_linear_ppo_loss
-from nft_kernels.reference import reference_nft_loss, reference_ppo_loss, reference_with_grads
+from nft_kernels.reference import reference_nft_loss, reference_ppo_loss
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
@@ -52,25 +52,9 @@ def test_entropy_bonus_matches_float64_reference(engine, device, n, h, v, dtype,
         loss = (loss * upstream).sum()
     loss.backward()
 
-    def objective(*args, **kwargs):
-        out = reference(*args, **{**kwargs, "reduction": "none"})
-        if weighted:
-            out = out * weights.double().cpu()
-        if reduction == "none":
-            return (out * upstream.double().cpu()).sum()
-        count = n if p["mask"] is None else int(p["mask"].sum())
-        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
-
-    cpu_args = [t.cpu() for t in per_token_args]
-    mask_cpu = None if p["mask"] is None else p["mask"].cpu()
-    options = dict(temperature=temperature, entropy_coef=coef)
-    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(), *cpu_args,
-                               mask_cpu, bias=p["bias"], **options)
-    per_token = reference(p["hidden"].detach().cpu(), p["weight"].detach().cpu(),
-                          p["target"].cpu(), *cpu_args, mask_cpu,
-                          bias=None if p["bias"] is None else p["bias"].detach().cpu(),
-                          reduction="none", **options)
-    check_against_reference(p, loss, ref, dtype, per_token.abs().sum().item())
+    check_fused_against_reference(p, loss, reference, per_token_args, dtype=dtype,
+                                  reduction=reduction, upstream=upstream, weights=weights,
+                                  temperature=temperature, entropy_coef=coef)
 
 
 def test_a_zero_coefficient_does_no_entropy_work(monkeypatch):

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import GRAD_RTOL, assert_close_scaled, check_against_reference, make_problem
+from helpers import GRAD_RTOL, assert_close_scaled, check_fused_against_reference, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +19,6 @@ from nft_kernels.reference import (
     reference_logprobs,
     reference_ppo_from_logprobs,
     reference_ppo_loss,
-    reference_with_grads,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -74,22 +73,10 @@ def test_sequence_level_ratio_matches_float64_reference(engine, device, n, h, v,
         loss = (loss * to(upstream)).sum()
     loss.backward()
 
-    mask_cpu = None if p["mask"] is None else p["mask"].cpu()
-    ref_opts = dict(opts, sequence_ids=seq, ref_logprobs=ref_lp, beta=beta,
-                    entropy_coef=entropy_coef)
-
-    def objective(*args, **kwargs):
-        out = reference_ppo_loss(*args, **{**kwargs, "reduction": "none"})
-        if weighted:
-            out = out * weights.double()
-        if reduction == "none":
-            return (out * upstream.double()).sum()
-        count = n if mask_cpu is None else int(mask_cpu.sum())
-        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
-
-    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(),
-                               p["old"].cpu(), advantages, mask_cpu, bias=p["bias"], **ref_opts)
-    check_against_reference(p, loss, ref, dtype, advantages.abs().sum().item() * 3 + n)
+    check_fused_against_reference(p, loss, reference_ppo_loss, (p["old"], advantages),
+                                  dtype=dtype, reduction=reduction, upstream=upstream,
+                                  weights=weights, **opts, sequence_ids=seq,
+                                  ref_logprobs=ref_lp, beta=beta, entropy_coef=entropy_coef)
 
 
 def test_one_token_responses_are_token_level_ppo(engine, device):

@@ -10,7 +10,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import GRAD_RTOL, assert_close_scaled, check_against_reference, make_problem
+from helpers import GRAD_RTOL, assert_close_scaled, check_fused_against_reference, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +27,6 @@ from nft_kernels.reference import (
     reference_nft_loss,
     reference_ppo_from_logprobs,
     reference_ppo_loss,
-    reference_with_grads,
 )
 
 ESTIMATORS = ["k1", "k2", "k3", "k3_unclipped", "low_var_kl"]
@@ -88,25 +87,9 @@ def test_fused_kl_matches_float64_reference(engine, device, n, h, v, dtype, bias
         loss = (loss * upstream).sum()
     loss.backward()
 
-    def objective(*args, **kwargs):
-        out = reference(*args, **{**kwargs, "reduction": "none"})
-        if weighted:
-            out = out * weights.double().cpu()
-        if reduction == "none":
-            return (out * upstream.double().cpu()).sum()
-        count = n if p["mask"] is None else int(p["mask"].sum())
-        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
-
-    kl_cpu = dict(kl, ref_logprobs=ref_lp.cpu())
-    cpu_args = [t.cpu() for t in per_token_args]
-    mask_cpu = None if p["mask"] is None else p["mask"].cpu()
-    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(), *cpu_args,
-                               mask_cpu, bias=p["bias"], **kl_cpu)
-    per_token = reference(p["hidden"].detach().cpu(), p["weight"].detach().cpu(),
-                          p["target"].cpu(), *cpu_args, mask_cpu,
-                          bias=None if p["bias"] is None else p["bias"].detach().cpu(),
-                          reduction="none", **kl_cpu)
-    check_against_reference(p, loss, ref, dtype, per_token.abs().sum().item())
+    check_fused_against_reference(p, loss, reference, per_token_args, dtype=dtype,
+                                  reduction=reduction, upstream=upstream, weights=weights,
+                                  **dict(kl, ref_logprobs=ref_lp.cpu()))
 
 
 @pytest.mark.parametrize("bias_correction", [False, True])

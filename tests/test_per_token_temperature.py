@@ -7,7 +7,7 @@ temperature is invalid (never read); a constant tensor equals the float.
 
 import pytest
 import torch
-from helpers import LOSS_RTOL, check_against_reference, make_problem
+from helpers import LOSS_RTOL, check_fused_against_reference, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +16,6 @@ from nft_kernels.reference import (
     reference_logprobs,
     reference_nft_loss,
     reference_ppo_loss,
-    reference_with_grads,
 )
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -71,23 +70,13 @@ def test_per_token_temperature_matches_float64_reference(engine, device, n, h, v
     mask_cpu = None if p["mask"] is None else p["mask"].cpu()
     # The reference computes every token; padded ones get a harmless temperature there.
     ref_temps = temps if mask_cpu is None else torch.where(mask_cpu, temps, torch.ones_like(temps))
-    cpu_args = [t.cpu() for t in per_token_args]
-    options = dict(temperature=ref_temps, softcap=softcap, entropy_coef=entropy_coef)
-
-    def objective(*args, **kwargs):
-        out = reference(*args, **{**kwargs, "reduction": "none"})
-        if reduction == "none":
-            return (out * upstream.double()).sum()
-        count = n if mask_cpu is None else int(mask_cpu.sum())
-        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
-
-    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(), *cpu_args,
-                               mask_cpu, bias=p["bias"], **options)
-    per_token = reference(p["hidden"].detach().cpu(), p["weight"].detach().cpu(),
-                          p["target"].cpu(), *cpu_args, mask_cpu,
-                          bias=None if p["bias"] is None else p["bias"].detach().cpu(),
-                          reduction="none", **options)
-    check_against_reference(p, loss, ref, dtype, per_token.abs().sum().item())
+    # T = 0.05 multiplies the logits, and with them the fp32 rounding of x - lse in every
+    # exp(x - lse), by 20: the fp32 gradient tolerance widens by 4 (to 4e-4) for those draws.
+    grad_rtol = 4e-4 if kind == "extreme" and dtype == torch.float32 else None
+    check_fused_against_reference(p, loss, reference, per_token_args, dtype=dtype,
+                                  grad_rtol=grad_rtol, reduction=reduction, upstream=upstream,
+                                  temperature=ref_temps, softcap=softcap,
+                                  entropy_coef=entropy_coef)
 
 
 def test_a_constant_tensor_equals_the_float(engine, device):

@@ -7,7 +7,12 @@ with the cap (Cut Cross-Entropy once shipped a soft-cap that was silently not ap
 
 import pytest
 import torch
-from helpers import LOSS_RTOL, assert_close_scaled, check_against_reference, make_problem
+from helpers import (
+    LOSS_RTOL,
+    assert_close_scaled,
+    check_fused_against_reference,
+    make_problem,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,24 +61,10 @@ def test_softcap_matches_float64_reference(engine, device, n, h, v, dtype, bias,
         loss = (loss * upstream.to(device)).sum()
     loss.backward()
 
-    mask_cpu = None if p["mask"] is None else p["mask"].cpu()
-    cpu_args = [t.cpu() for t in per_token_args]
-    options = dict(temperature=temperature, softcap=softcap, entropy_coef=entropy_coef)
-
-    def objective(*args, **kwargs):
-        out = reference(*args, **{**kwargs, "reduction": "none"})
-        if reduction == "none":
-            return (out * upstream.double()).sum()
-        count = n if mask_cpu is None else int(mask_cpu.sum())
-        return out.sum() / max(count, 1) if reduction == "mean" else out.sum()
-
-    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(), *cpu_args,
-                               mask_cpu, bias=p["bias"], **options)
-    per_token = reference(p["hidden"].detach().cpu(), p["weight"].detach().cpu(),
-                          p["target"].cpu(), *cpu_args, mask_cpu,
-                          bias=None if p["bias"] is None else p["bias"].detach().cpu(),
-                          reduction="none", **options)
-    check_against_reference(p, loss, ref, dtype, per_token.abs().sum().item())
+    check_fused_against_reference(p, loss, reference, per_token_args, dtype=dtype,
+                                  reduction=reduction, upstream=upstream,
+                                  temperature=temperature, softcap=softcap,
+                                  entropy_coef=entropy_coef)
 
 
 def test_softcap_logprobs_and_entropy_are_capped(engine, device):
