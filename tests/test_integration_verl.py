@@ -178,3 +178,76 @@ def test_verl_actor_loss_entry_point_dispatches_to_nft():
     torch.testing.assert_close(got, ref_grad, rtol=1e-5, atol=1e-8)
     assert ref_grad.abs().max() > 0
     assert "actor/nft_signal_fraction" in metrics
+
+
+@pytest.fixture
+def restore_model_forward(monkeypatch):
+    """verl patches ``forward`` on the model class: put it back after the test. (verl 0.9.1's
+    apply_monkey_patch also patches TRL's value-head model when TRL is importable, which TRL
+    1.16, installed here for the TRL adapter, no longer has: that part is switched off.)"""
+    from verl.models.transformers import monkey_patch
+
+    monkeypatch.setattr(monkey_patch, "is_trl_available", lambda: False)
+    saved = {}
+
+    def remember(model):
+        saved.setdefault(type(model), type(model).forward)
+    yield remember
+    for cls, forward in saved.items():
+        cls.forward = forward
+
+
+def _patched_outputs(model, backend, input_ids, attention_mask, position_ids, temperature):
+    """verl's own model patching with fused kernels, then its patched forward: the log-probs
+    and entropy of the next tokens and their gradients for a fixed mix of both."""
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True,
+                       fused_kernels_backend=backend)
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, return_dict=True, temperature=temperature)
+    g = torch.Generator().manual_seed(1)
+    u, w = torch.rand(input_ids.shape, generator=g), torch.rand(input_ids.shape, generator=g)
+    ((out.log_probs * u).sum() + (out.entropy * w).sum()).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.log_probs.detach(), out.entropy.detach(), grads
+
+
+def test_fused_kernels_backend_nft_kernels_equals_verls_torch_backend(restore_model_forward):
+    """actor_rollout_ref.model.fused_kernel_options.impl_backend=nft_kernels: verl's patched
+    forward of a tiny Qwen2 returns the log-probs and entropy of its own torch backend, with
+    the same gradients, without forming the logits."""
+    from nft_train.tiny import build_tiny_model, build_tokenizer
+
+    model = build_tiny_model(build_tokenizer(), seed=0)
+    restore_model_forward(model)
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model.config.vocab_size, (3, 11), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    position_ids = torch.arange(11).expand(3, 11)
+    theirs = _patched_outputs(model, "torch", input_ids, attention_mask, position_ids, 0.7)
+    ours = _patched_outputs(model, nft_verl.FUSED_BACKEND, input_ids, attention_mask,
+                            position_ids, 0.7)
+    assert type(model).forward is nft_verl.forward_with_nft_kernels
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-5, atol=1e-5)
+    assert ours[2].keys() == theirs[2].keys() and "lm_head.weight" in ours[2]
+    for name, grad in theirs[2].items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(ours[2][name], grad, rtol=1e-4, atol=1e-5 * (1 + scale),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_unknown_fused_backends_still_reach_verl(restore_model_forward):
+    """Only impl_backend=nft_kernels is ours: other names go to verl's own patching."""
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+
+    from nft_train.tiny import build_tiny_model, build_tokenizer
+
+    model = build_tiny_model(build_tokenizer(), seed=0)
+    restore_model_forward(model)
+    before = type(model).forward
+    apply_monkey_patch(model, use_remove_padding=False, use_fused_kernels=True,
+                       fused_kernels_backend="not-a-backend")  # verl skips it, as it always has
+    assert type(model).forward is before

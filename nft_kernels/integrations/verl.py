@@ -21,6 +21,11 @@ use the fused loss (``nft_kernels.fused_linear_nft_loss``) in your own actor for
 
 Other NFT settings: ``register("my_nft", clip_negative=4.0, normalize=2)`` in a module of your
 own that your workers import (or your own ``verl.plugins`` entry point).
+
+verl's memory path: with ``actor_rollout_ref.model.use_fused_kernels=True`` and
+``actor_rollout_ref.model.fused_kernel_options.impl_backend=nft_kernels``, verl's patched model
+forward computes the log-probs and entropy of text models with ``fused_linear_logprobs`` from
+the final hidden states (the [tokens, vocab] logits are never formed), for any policy loss.
 """
 from __future__ import annotations
 
@@ -139,3 +144,77 @@ def register(name: str = "nft", **settings):
 
 register("nft")
 register("rft", neg_weight=0.0, normalize=0)
+
+
+# ---- verl's memory path: log-probs and entropy from hidden states, by nft-kernels -------------
+FUSED_BACKEND = "nft_kernels"
+# Multimodal models have their own patched forwards in verl; only text models are served here.
+_MULTIMODAL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5",
+               "qwen3_5_moe", "kimi_vl")
+
+
+def forward_with_nft_kernels(self, input_ids=None, attention_mask=None, position_ids=None,
+                             past_key_values=None, inputs_embeds=None, labels=None,
+                             use_cache=None, output_attentions=None, output_hidden_states=None,
+                             return_dict=None, cache_position=None, logits_to_keep=0,
+                             temperature=1.0, shift_labels=None, **loss_kwargs):
+    """verl's fused-kernel forward (``forward_with_torch_backend`` in
+    ``verl.models.transformers.dense_common``), with the log-probs and entropy of the next
+    tokens computed by ``fused_linear_logprobs`` from the final hidden states: no logits."""
+    from verl.models.transformers.dense_common import CausalLMOutputForPPO, forward_base_model
+
+    from ..api import fused_linear_logprobs
+
+    del logits_to_keep, loss_kwargs
+    outputs = forward_base_model(
+        self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+        cache_position=cache_position)
+    if shift_labels is not None:        # labels already rolled by verl (Ulysses SP)
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise RuntimeError("the nft_kernels fused forward needs labels or input_ids")
+    head = self.get_output_embeddings()
+    log_probs, entropy = fused_linear_logprobs(
+        outputs[0], head.weight, rolled.to(torch.int64), bias=head.bias,
+        temperature=temperature, return_entropy=True)
+    return CausalLMOutputForPPO(log_probs=log_probs, entropy=entropy,
+                                past_key_values=outputs.past_key_values,
+                                hidden_states=outputs.hidden_states,
+                                attentions=outputs.attentions)
+
+
+def _install_fused_backend() -> None:
+    """Accept ``fused_kernel_options.impl_backend=nft_kernels`` in verl's model patching (which
+    otherwise skips, silently, any backend but triton / torch / liger)."""
+    try:
+        from verl.models.transformers import monkey_patch
+    except ImportError:  # a verl without the fused-kernel path: nothing to extend
+        return
+    original = monkey_patch.patch_forward_with_backends
+    if getattr(original, "nft_kernels", False):
+        return
+
+    @functools.wraps(original)
+    def patch_forward_with_backends(model, use_fused_kernels=False, fused_kernels_backend=None):
+        if not (use_fused_kernels and fused_kernels_backend == FUSED_BACKEND):
+            return original(model, use_fused_kernels=use_fused_kernels,
+                            fused_kernels_backend=fused_kernels_backend)
+        if model.config.model_type in _MULTIMODAL:
+            raise ValueError(f"fused_kernels_backend={FUSED_BACKEND!r} serves text models; "
+                             f"{model.config.model_type} has its own fused forward in verl: "
+                             f"use impl_backend=torch or triton for it")
+        model._verl_fused_kernels_backend = FUSED_BACKEND
+        model.__class__.forward = forward_with_nft_kernels
+        return None
+
+    patch_forward_with_backends.nft_kernels = True
+    monkey_patch.patch_forward_with_backends = patch_forward_with_backends
+
+
+_install_fused_backend()
