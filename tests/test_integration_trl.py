@@ -175,16 +175,38 @@ def test_kl_penalty_gradient_equals_trl_grpo(tmp_path):
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_entropy_bonus_gradient_equals_trl_grpo(tmp_path, loss_type="dapo"):
+    """entropy_coef != 0: the entropy part of the first gradient (the difference between two
+    coefficients, so the policy parts cancel) is TRL's own."""
+    runs = {(cls.__name__, coef): _first_gradient(tmp_path, cls, cfg, f"{cls.__name__}-{coef}",
+                                                  loss_type=loss_type, entropy_coef=coef)
+            for cls, cfg in ((trl.GRPOTrainer, trl.GRPOConfig), (NFTTrainer, NFTConfig))
+            for coef in (0.1, 0.3)}
+    theirs = {n: runs["GRPOTrainer", 0.3][n] - g for n, g in runs["GRPOTrainer", 0.1].items()}
+    ours = {n: runs["NFTTrainer", 0.3][n] - g for n, g in runs["NFTTrainer", 0.1].items()}
+    assert max(g.abs().max().item() for g in theirs.values()) > 1e-5
+    # A difference of two gradients keeps the rounding of the whole ones (fp32 sums, ~1e-7 of
+    # their size): compare each parameter's entropy part norm-wise.
+    for name, g in theirs.items():
+        error = (ours[name] - g).norm().item()
+        assert error <= 1e-3 * g.norm().item() + 1e-9, f"{name}: {error} vs {g.norm().item()}"
+
+
 @pytest.mark.parametrize("field, value, needle", [
     ("loss_type", "cispo", "loss_type"),
     ("importance_sampling_level", "sequence", "importance_sampling_level"),
-    ("entropy_coef", 0.01, "entropy_coef"), ("nft_normalize", 3, "normalize"),
+    ("use_adaptive_entropy", True, "use_adaptive_entropy"), ("nft_normalize", 3, "normalize"),
     ("nft_clip_negative", 0.0, "clip_negative"), ("nft_impl", "cuda", "nft_impl"),
     ("nft_rate_clamp", [0.5], "nft_rate_clamp"),
 ])
 def test_unsupported_settings_name_the_argument(tmp_path, field, value, needle):
     with pytest.raises(ValueError, match=needle):
         _args(tmp_path, NFTConfig, **{field: value})
+
+
+def test_entropy_bonus_refused_where_it_cannot_be_exact(tmp_path):
+    with pytest.raises(ValueError, match="entropy_coef.*loss_type='grpo'"):
+        _args(tmp_path, NFTConfig, entropy_coef=0.01, loss_type="grpo")
 
 
 def test_rewards_outside_unit_interval_are_refused(tmp_path):

@@ -26,9 +26,13 @@ correction on, that weight multiplies the KL term too (TRL applies it to the pol
 and tokens of groups whose answers all agree, which carry no NFT signal, are left out of the
 KL term as of the loss (TRL penalises them too).
 
-Not supported (a clear error at construction): the entropy bonus (TRL averages it over tokens
-independently of ``loss_type``, which one set of token weights cannot express) and high-entropy
-token masks, ``importance_sampling_level="sequence"`` (NFT's ratio is per token), the
+``entropy_coef`` (TRL's entropy bonus, - c times the token mean of the entropy) works with
+``loss_type`` "dapo", "bnpo" and "dr_grpo" without vLLM's importance-sampling correction (then
+every token's weight is one multiple of the token mean's, and the coefficient is rescaled).
+
+Not supported (a clear error at construction): the entropy bonus with ``loss_type="grpo"`` or
+with vLLM's importance-sampling correction, the adaptive entropy controller, high-entropy token
+masks, ``importance_sampling_level="sequence"`` (NFT's ratio is per token), the
 off-policy mask, two-sided clipping (``delta``), loss types other than the four above,
 DeepSpeed ZeRO-3.
 GRPO-only knobs (``epsilon``, ``scale_rewards``) have no effect on NFT.
@@ -87,8 +91,15 @@ def check_supported(args) -> dict:
          "NFT's ratio is per token; set importance_sampling_level='token'"),
         ("top_entropy_quantile", args.top_entropy_quantile < 1.0,
          "the high-entropy token mask is not supported; set top_entropy_quantile=1.0"),
-        ("entropy_coef", args.entropy_coef != 0.0 or getattr(args, "use_adaptive_entropy", False),
-         "the entropy bonus is not supported; set entropy_coef=0.0, use_adaptive_entropy=False"),
+        ("use_adaptive_entropy", getattr(args, "use_adaptive_entropy", False),
+         "the adaptive entropy controller is not supported; set use_adaptive_entropy=False"),
+        ("entropy_coef", args.entropy_coef != 0.0 and args.loss_type == "grpo",
+         "with loss_type='grpo' the policy term's per-sequence weights differ from the entropy "
+         "bonus's token mean; use loss_type='dapo', 'bnpo' or 'dr_grpo', or entropy_coef=0.0"),
+        ("entropy_coef", args.entropy_coef != 0.0 and getattr(args, "use_vllm", False)
+         and getattr(args, "vllm_importance_sampling_correction", False),
+         "TRL does not importance-weight the entropy bonus, and one set of token weights cannot "
+         "leave it out; set vllm_importance_sampling_correction=False or entropy_coef=0.0"),
         ("off_policy_mask_threshold", args.off_policy_mask_threshold is not None,
          "the off-policy sequence mask is not supported; leave it None"),
         ("delta", args.delta is not None, "two-sided clipping is a GRPO option; leave it None"),
@@ -204,12 +215,22 @@ class NFTTrainer(GRPOTrainer):
         if self.use_vllm and self.vllm_importance_sampling_correction:
             weights = weights * inputs["importance_sampling_ratio"]
         weights = weights.expand_as(mask).float().contiguous()
-        kl = {}
+        terms = {}  # TRL's entropy bonus and KL penalty, when on
+        if self.args.entropy_coef != 0.0:
+            # TRL's bonus is - c * (token mean of H) / accumulation. With loss_type dapo, bnpo or
+            # dr_grpo (no IS correction: check_supported) every token's weight is the same
+            # multiple of 1 / (tokens * accumulation), so a rescaled coefficient on our weights
+            # gives exactly that term.
+            total = float(weights[mask.bool()].sum())
+            if total > 0:
+                accumulation = (self.current_gradient_accumulation_steps
+                                if self.model.training else 1.0)
+                terms["entropy_coef"] = self.args.entropy_coef / (accumulation * total)
         if self.beta != 0.0:  # TRL's per_token_kl, k3 unclipped, against its reference model
-            kl = dict(ref_logprobs=inputs["ref_per_token_logps"].float(), beta=self.beta,
-                      kl_estimator="k3_unclipped",
-                      kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl",
-                                                      False)))
+            terms.update(ref_logprobs=inputs["ref_per_token_logps"].float(), beta=self.beta,
+                         kl_estimator="k3_unclipped",
+                         kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl",
+                                                         False)))
 
         def head(hidden, lm_head):
             hidden = hidden[:, -width - 1:-1]          # the positions that predict the completion
@@ -226,7 +247,7 @@ class NFTTrainer(GRPOTrainer):
                                          per_token["rewards"], per_token["rate"], counted,
                                          bias=bias, temperature=temperature,
                                          token_weights=weights, reduction="sum", impl=impl,
-                                         return_stats=True, **kl, **loss_kwargs)
+                                         return_stats=True, **terms, **loss_kwargs)
 
         loss, stats = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                             attention_mask=torch.cat([inputs["prompt_mask"],
