@@ -68,19 +68,35 @@ class Unparsable(Exception):
     pass
 
 
+_LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
+
+
+def final_answer_text(response: str) -> str | None:
+    """What a response gives as its final answer: the "Answer:" line, else the last
+    \\boxed{}, else the last number written. Never the whole response: math-verify would read
+    an expression there and evaluate it, so restating the question ("9 - 7 = ?") would grade
+    as its answer (a policy trained on that reward learns to do exactly that)."""
+    line = extract_answer_line(response)
+    if line:
+        return line
+    boxed = extract_boxed(response)
+    if boxed is not None:
+        return boxed
+    numbers = _LAST_NUMBER.findall(response)
+    return numbers[-1] if numbers else None
+
+
 def score_math_verify(response: str, answer: str) -> float:
-    """math-verify ``verify(gold, pred)`` (gold first). The answer line or last box is tried
-    first, so DAPO-style and boxed responses both grade; math-verify's own signal timeouts are
-    off (the caller's limit applies)."""
+    """math-verify ``verify(gold, pred)`` (gold first) on the response's final answer
+    (``final_answer_text``), so DAPO-style, boxed and plain "... = 2" responses all grade;
+    math-verify's own signal timeouts are off (the caller's limit applies)."""
     from math_verify import parse, verify
 
     gold = parse(f"\\boxed{{{answer}}}", parsing_timeout=None)
     if not gold:
         raise Unparsable("ground truth")
-    line = extract_answer_line(response)
-    pred = parse(f"\\boxed{{{line}}}", parsing_timeout=None) if line else []
-    if not pred:
-        pred = parse(response, parsing_timeout=None)
+    final = final_answer_text(response)
+    pred = parse(f"\\boxed{{{final}}}", parsing_timeout=None) if final else []
     if not pred:
         raise Unparsable("response")
     return float(verify(gold, pred, timeout_seconds=None))

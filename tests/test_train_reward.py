@@ -33,6 +33,18 @@ def test_math_verify_grades_equivalent_forms():
     assert score_math_verify("so the answer is \\boxed{\\frac{1}{2}}", "0.5") == 1.0
     assert score_math_verify("work\nAnswer: 1/2", "\\frac{1}{2}") == 1.0
     assert score_math_verify("\\boxed{3}", "4") == 0.0
+    assert score_math_verify("9 - 7 = 2", "2") == 1.0          # a plain final number
+    assert score_math_verify("so it is 3/4.", "0.75") == 1.0
+
+
+def test_math_verify_does_not_evaluate_a_restated_question():
+    """The whole response is never parsed as the answer: math-verify would evaluate "9 - 7"
+    to 2. SmolLM2 trained on that reward learned to answer "9 - 7 = ?" (the example's first
+    run: 94.5% by math-verify, 29.8% by the last number written)."""
+    pytest.importorskip("math_verify")
+    assert score_math_verify("9 - 7 = ?", "2") == 0.0
+    assert score_math_verify("What is 12 + 17? 12 + 17", "29") == 0.0
+    assert score_math_verify("12 + 17 = 29", "29") == 1.0
     assert scorer_for("auto", "file", "dapo") == "math_verify"
     assert scorer_for("auto", "synthetic", "dapo") == "synthetic"
 
