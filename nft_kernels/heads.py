@@ -221,14 +221,11 @@ def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted
     total = total.index_add(0, sequence_index, diff)
     count = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device)
     count = count.index_add(0, sequence_index, counted.to(logp.dtype))
-    log_ratio = (total / count.clamp(min=1.0)).clamp(max=spec.max_log_ratio)
-    ratio = torch.exp(log_ratio).index_select(0, sequence_index)
-    unclipped = -advantage * ratio
-    clipped = -advantage * ratio.clamp(1.0 - spec.clip_low, 1.0 + spec.clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    if spec.clip_ratio_c > 1.0:
-        loss = torch.where(advantage < 0, torch.minimum(loss, -advantage * spec.clip_ratio_c),
-                           loss)
+    response_log_ratio = (total / count.clamp(min=1.0)).index_select(0, sequence_index)
+    # The token-level PPO-clip head on each token's response-level log-ratio (old = 0); its
+    # loss is written in torch ops, so autograd differentiates it through the mean.
+    loss, _ = ppo_loss_and_grad(response_log_ratio, torch.zeros_like(response_log_ratio),
+                                advantage, spec)
     if spec.kl_code:
         kl, _ = kl_and_grad(logp, ref, spec.kl_code)  # torch ops: autograd differentiates
         if spec.kl_bias_correction:
