@@ -134,3 +134,19 @@ def check_fused_against_reference(p, loss, reference, per_token_args, *, dtype, 
     per_token = reference(detached[0], detached[1], p["target"].cpu(), *args, mask,
                           bias=detached[2], reduction="none", **options)
     check_against_reference(p, loss, ref, dtype, per_token.abs().sum().item(), grad_rtol)
+
+
+def fused_head_loss(head, p, advantages, **options):
+    """One fused loss call on a ``make_problem`` problem: ``head`` "nft" (its rewards and rates)
+    or "ppo" (``advantages``). Returns (loss, the matching float64 reference, its per-token
+    arguments) for ``check_fused_against_reference``."""
+    from nft_kernels import fused_linear_nft_loss, fused_linear_ppo_loss
+    from nft_kernels.reference import reference_nft_loss, reference_ppo_loss
+
+    args = (p["hidden"], p["weight"], p["target"], p["old"])
+    if head == "nft":
+        loss = fused_linear_nft_loss(*args, p["rewards"], p["rate"], p["mask"], **options)
+        return loss, reference_nft_loss, (p["old"], p["rewards"], p["rate"])
+    advantages = advantages.to(p["old"].device)
+    loss = fused_linear_ppo_loss(*args, advantages, p["mask"], **options)
+    return loss, reference_ppo_loss, (p["old"], advantages)

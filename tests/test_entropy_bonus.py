@@ -7,12 +7,11 @@ row kernel's ENT_BONUS), the per-token path through the entropy's upstream gradi
 
 import pytest
 import torch
-from helpers import check_fused_against_reference, make_problem
+from helpers import check_fused_against_reference, fused_head_loss, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nft_kernels import chunked, fused_linear_nft_loss, fused_linear_ppo_loss
-from nft_kernels.reference import reference_nft_loss, reference_ppo_loss
+from nft_kernels import chunked, fused_linear_nft_loss
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
@@ -40,14 +39,7 @@ def test_entropy_bonus_matches_float64_reference(engine, device, n, h, v, dtype,
     common = dict(bias=p["bias"], temperature=temperature, token_weights=weights,
                   entropy_coef=coef, reduction=reduction, validate=validate,
                   workspace_bytes=None if chunk is None else 4 * v * chunk, **engine)
-    if head == "nft":
-        loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     p["rewards"], p["rate"], p["mask"], **common)
-        reference, per_token_args = reference_nft_loss, (p["old"], p["rewards"], p["rate"])
-    else:
-        loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     advantages, p["mask"], **common)
-        reference, per_token_args = reference_ppo_loss, (p["old"], advantages)
+    loss, reference, per_token_args = fused_head_loss(head, p, advantages, **common)
     if reduction == "none":
         loss = (loss * upstream).sum()
     loss.backward()

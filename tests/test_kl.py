@@ -10,7 +10,13 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import GRAD_RTOL, assert_close_scaled, check_fused_against_reference, make_problem
+from helpers import (
+    GRAD_RTOL,
+    assert_close_scaled,
+    check_fused_against_reference,
+    fused_head_loss,
+    make_problem,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +30,7 @@ from nft_kernels.reference import (
     reference_kl,
     reference_logprobs,
     reference_nft_from_logprobs,
-    reference_nft_loss,
     reference_ppo_from_logprobs,
-    reference_ppo_loss,
 )
 
 ESTIMATORS = ["k1", "k2", "k3", "k3_unclipped", "low_var_kl"]
@@ -75,14 +79,7 @@ def test_fused_kl_matches_float64_reference(engine, device, n, h, v, dtype, bias
               kl_bias_correction=bias_correction)
     common = dict(bias=p["bias"], token_weights=weights, reduction=reduction, validate=validate,
                   workspace_bytes=None if chunk is None else 4 * v * chunk, **engine, **kl)
-    if head == "nft":
-        loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     p["rewards"], p["rate"], p["mask"], **common)
-        reference, per_token_args = reference_nft_loss, (p["old"], p["rewards"], p["rate"])
-    else:
-        loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     advantages, p["mask"], **common)
-        reference, per_token_args = reference_ppo_loss, (p["old"], advantages)
+    loss, reference, per_token_args = fused_head_loss(head, p, advantages, **common)
     if reduction == "none":
         loss = (loss * upstream).sum()
     loss.backward()

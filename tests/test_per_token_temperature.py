@@ -7,16 +7,12 @@ temperature is invalid (never read); a constant tensor equals the float.
 
 import pytest
 import torch
-from helpers import LOSS_RTOL, check_fused_against_reference, make_problem
+from helpers import LOSS_RTOL, check_fused_against_reference, fused_head_loss, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss, fused_linear_ppo_loss
-from nft_kernels.reference import (
-    reference_logprobs,
-    reference_nft_loss,
-    reference_ppo_loss,
-)
+from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss
+from nft_kernels.reference import reference_logprobs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
@@ -55,14 +51,7 @@ def test_per_token_temperature_matches_float64_reference(engine, device, n, h, v
                   entropy_coef=entropy_coef, reduction=reduction, deterministic=deterministic,
                   validate=validate, workspace_bytes=None if chunk is None else 4 * v * chunk,
                   **engine)
-    if head == "nft":
-        loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     p["rewards"], p["rate"], p["mask"], **common)
-        reference, per_token_args = reference_nft_loss, (p["old"], p["rewards"], p["rate"])
-    else:
-        loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     advantages.to(device), p["mask"], **common)
-        reference, per_token_args = reference_ppo_loss, (p["old"], advantages)
+    loss, reference, per_token_args = fused_head_loss(head, p, advantages, **common)
     if reduction == "none":
         loss = (loss * upstream.to(device)).sum()
     loss.backward()

@@ -11,16 +11,15 @@ from helpers import (
     LOSS_RTOL,
     assert_close_scaled,
     check_fused_against_reference,
+    fused_head_loss,
     make_problem,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss, fused_linear_ppo_loss
+from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss
 from nft_kernels.reference import (
     reference_logprobs,
-    reference_nft_loss,
-    reference_ppo_loss,
     reference_with_grads,
 )
 
@@ -49,14 +48,7 @@ def test_softcap_matches_float64_reference(engine, device, n, h, v, dtype, bias,
     common = dict(bias=p["bias"], temperature=temperature, softcap=softcap,
                   entropy_coef=entropy_coef, reduction=reduction, deterministic=deterministic,
                   workspace_bytes=None if chunk is None else 4 * v * chunk, **engine)
-    if head == "nft":
-        loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     p["rewards"], p["rate"], p["mask"], **common)
-        reference, per_token_args = reference_nft_loss, (p["old"], p["rewards"], p["rate"])
-    else:
-        loss = fused_linear_ppo_loss(p["hidden"], p["weight"], p["target"], p["old"],
-                                     advantages.to(device), p["mask"], **common)
-        reference, per_token_args = reference_ppo_loss, (p["old"], advantages)
+    loss, reference, per_token_args = fused_head_loss(head, p, advantages, **common)
     if reduction == "none":
         loss = (loss * upstream.to(device)).sum()
     loss.backward()
