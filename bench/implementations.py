@@ -40,19 +40,40 @@ def _nft_options():
     return dict(normalize=1, clip_negative=1.0, neg_weight=1.0)
 
 
-def _ours(mode, filter_eps=None):
+def _ours(mode, filter_eps=None, sharded=False):
     def build(inputs):
         h, w = _leaves(inputs)
+        group = _one_rank_group() if sharded else None
 
         def run():
             h.grad = w.grad = None
             loss = fused_linear_nft_loss(h, w, inputs["target"], inputs["old"], inputs["rewards"],
                                          inputs["rate"], inputs["mask"], filter_eps=filter_eps,
-                                         mode=mode, **_nft_options())
+                                         mode=mode, process_group=group, **_nft_options())
             loss.backward()
             return loss, h.grad, w.grad
         return run
     return build
+
+
+def _one_rank_group():
+    """A one-process gloo group: the vocab-parallel code path at tp=1 (its agreement rounds,
+    split row passes and shared-value head, with the collectives a group of one skips), to
+    measure what the sharded path costs where it shards nothing."""
+    import tempfile  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+
+    if not dist.is_initialized():
+        store = dist.FileStore(tempfile.NamedTemporaryFile(delete=False).name, 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def _distributed_available(device):
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return None if dist.is_available() else "torch.distributed is not available in this build"
 
 
 def _naive_logprobs(h, w, target):
@@ -191,6 +212,10 @@ IMPLEMENTATIONS = [
     Impl("nft_kernels chunked", "nft", _ours("chunked"), mode="chunked"),
     Impl("nft_kernels lean", "nft", _ours("lean"), mode="lean"),
     Impl("nft_kernels lean filtered", "nft", _ours("lean", FILTER_EPS), mode="lean"),
+    Impl("nft_kernels chunked tp=1", "nft", _ours("chunked", sharded=True),
+         _distributed_available, mode="chunked"),
+    Impl("nft_kernels lean tp=1", "nft", _ours("lean", sharded=True), _distributed_available,
+         mode="lean"),
     Impl("torch naive", "nft", _naive),
     Impl("torch.compile naive", "nft", _compiled_naive, compiles=True),
     Impl("torch.compile chunked", "nft", _compiled_chunked, compiles=True),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import validation as val
+from . import vocab_parallel as vp
 from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
 from .backend import engine, head_module
 from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec, LogitScaling, sequence_ppo_loss
@@ -118,18 +119,43 @@ def _ppo_spec(clip_low, clip_high, clip_ratio_c, max_log_ratio,
                     **(kl or {}), entropy_coef=_entropy_coef(entropy_coef))
 
 
-def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, unit_names,
-           reduction, filter_eps, deterministic, impl, mode, workspace_bytes, validate,
-           compute_entropy, scalar_loss, softcap=None):
-    """Shared body of the fused entry points. ``per_token``: name -> tensor or None, in the
+def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *,
+           process_group=None, vocab_start=None, **options):
+    """Shared body of the fused entry points; see ``_fused_on_rank``. With a vocab-sharded
+    weight (``process_group``, or a DTensor weight) the call's checks run as agreement rounds
+    across the group (``vocab_parallel.agreement``): bad input on one rank raises on all."""
+    group = vp.tensor_parallel_group(weight, process_group)
+    if group is None and vocab_start is not None:
+        raise ValueError("vocab_start applies to a vocab-sharded weight (give process_group)")
+    call = None if group is None else vp.GroupCall(group)
+    with vp.agreement(call):
+        return _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_token,
+                              call=call, vocab_start=vocab_start, **options)
+
+
+def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_token, *,
+                   unit_names, reduction, filter_eps, deterministic, impl, mode,
+                   workspace_bytes, validate, compute_entropy, scalar_loss, softcap=None,
+                   call=None, vocab_start=None):
+    """One rank's part of a fused call. ``per_token``: name -> tensor or None, in the
     order (old_logprobs, reward-or-advantage, correct_rate). ``scalar_loss``: only the reduced
-    loss is differentiated (its gradients may then be computed in the forward).
+    loss is differentiated (its gradients may then be computed in the forward). ``call``: the
+    ``vocab_parallel.GroupCall`` when ``weight`` is this rank's vocabulary shard.
 
     Host synchronisations: with ``validate=True`` one per call (every value check and the
     number of counted tokens read back together); with ``validate=False`` none (a mask then
     stays on the device: padded tokens go through the GEMMs with zero gradient instead of
     being dropped before them; only the lean PyTorch path, a CPU fallback, compacts them on
     the host)."""
+    if call is not None:  # DTensors -> this rank's tensors (gradients flow back to them)
+        hidden = vp.local_part("hidden", hidden, shard_dim0=False)
+        weight = vp.local_part("weight", weight, shard_dim0=True)
+        bias = vp.local_part("bias", bias, shard_dim0=True)
+        if vocab_start is not None:
+            if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
+                raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
+            if vocab_start < 0:
+                raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
     val.check_linear_inputs(hidden, weight, bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
     compute_entropy = compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
@@ -141,8 +167,6 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     val.check_reduction(reduction)
     val.check_filter_eps(filter_eps)
     dev = hidden.device
-    eng = engine(impl, mode, dev, weight.shape[0], filter_eps=filter_eps,
-                 deterministic=bool(deterministic), workspace_bytes=workspace_bytes)
     width = hidden.shape[-1]
     lead = tuple(hidden.shape[:-1])
     h = hidden.reshape(-1, width)
@@ -153,12 +177,26 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     if mask is not None:
         mask_flat = (val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
     temps = val.flatten_tokens("temperature", temperature, lead, dev) if per_token_t else None
+    want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    want = tuple(w and torch.is_grad_enabled() for w in want)
+
+    vocab, shard = weight.shape[0], None
+    if call is not None:  # round 1: every rank's shard; every local check above has passed
+        shard = call.shard(vocab=vocab, hidden_size=width, tokens=h.shape[0], dtype=h.dtype,
+                           bias=bias is not None, vocab_start=vocab_start, want=want,
+                           validate=bool(validate), mode=mode if mode in ("auto", "chunked",
+                                                                          "lean") else "auto",
+                           workspace_bytes=workspace_bytes)
+        vocab = shard.total
+    eng = engine(impl, mode, dev, vocab if shard is None else shard.max_size,
+                 filter_eps=filter_eps, deterministic=bool(deterministic),
+                 workspace_bytes=workspace_bytes, shard=shard)
 
     checks = val.ValueChecks()
     if validate:
         if temps is not None:
             checks.positive("temperature", temps, mask_flat)
-        checks.targets(target, weight.shape[0], mask_flat)
+        checks.targets(target, vocab, mask_flat)
         checks.per_token_values(flat, unit_names, mask_flat)
         checks.finite_tensor("hidden", h)
         checks.finite_tensor("weight", weight)
@@ -169,7 +207,9 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
     count_slot = None
     if mask_flat is not None and (validate or not eng.takes_device_mask):
         count_slot = checks.value(mask_flat.sum())
-    host = checks.run()
+    # Sharded: round 2 raises a failed check on every rank (and wants the same count).
+    host = checks.run() if call is None or not validate else call.value_checks(checks,
+                                                                                count_slot)
     rows, device_mask, n_counted = None, None, h.shape[0]
     if mask_flat is not None:
         if count_slot is not None:
@@ -186,8 +226,6 @@ def _fused(hidden, weight, target, mask, bias, temperature, spec, per_token, *, 
         if mask_flat is not None:
             inv_t = torch.where(mask_flat, inv_t, torch.ones_like(inv_t))
         scaling = LogitScaling(softcap=cap, inv_temperature_t=inv_t.contiguous())
-    want = (h.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-    want = tuple(w and torch.is_grad_enabled() for w in want)
     # The engines pick their own precisions (fp32 logits, fp32 accumulation): no autocast.
     with torch.autocast(dev.type, enabled=False):
         if scalar_loss and reduction != "none" and eng.grads_in_forward and any(want):
@@ -212,7 +250,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
                           kl_bias_correction=False, entropy_coef=0.0, reduction="sum",
                           filter_eps=None,
                           deterministic=False, impl="auto", mode="auto", workspace_bytes=None,
-                          validate=True, return_stats=False):
+                          validate=True, return_stats=False, process_group=None,
+                          vocab_start=None):
     """NFT loss (arXiv 2505.18116, Eq. 8) from final hidden states, never forming [N, V] logits.
 
     Per counted token: logp = log_softmax(cap(h W^T + b) / T)[target], with cap the logit
@@ -240,6 +279,14 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     (approximate); ``deterministic=True`` makes the lean backward atomic-free (the chunked
     mode is deterministic anyway). With ``return_stats=True`` also returns
     {"logprobs", "entropy"} per token (detached).
+
+    Vocab-parallel LM head (``vocab_parallel.py``): ``weight`` (and ``bias``) may be this rank's
+    rows of a head sharded over the vocabulary: give the tensor-parallel ``process_group``
+    (shards in rank order, uneven ones allowed, or placed by ``vocab_start``, this shard's
+    first vocabulary id), or pass a DTensor weight that is ``Shard(0)`` on one mesh dimension.
+    ``hidden``, ``target`` and the per-token inputs are the same on every rank; the loss,
+    log-probs and entropy come back the same on every rank, dW is the rank's own shard and
+    dH is all-reduced over the group. ``target`` holds global vocabulary ids.
     """
     spec = _nft_spec(neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
                      _kl_options(ref_logprobs, beta, kl_estimator,
@@ -250,7 +297,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
          "token_weights": token_weights, **_per_token_ref(ref_logprobs, beta)},
         unit_names=("rewards", "correct_rate"), reduction=reduction, filter_eps=filter_eps,
         deterministic=deterministic, impl=impl, mode=mode, workspace_bytes=workspace_bytes,
-        validate=validate, compute_entropy=return_stats, scalar_loss=True, softcap=softcap)
+        validate=validate, compute_entropy=return_stats, scalar_loss=True, softcap=softcap,
+        process_group=process_group, vocab_start=vocab_start)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
     return loss
@@ -265,7 +313,8 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
                           kl_bias_correction=False, entropy_coef=0.0,
                           importance_sampling_level="token", sequence_ids=None,
                           reduction="sum", filter_eps=None, deterministic=False, impl="auto",
-                          mode="auto", workspace_bytes=None, validate=True, return_stats=False):
+                          mode="auto", workspace_bytes=None, validate=True, return_stats=False,
+                          process_group=None, vocab_start=None):
     """PPO-clip loss from hidden states: GRPO / Dr. GRPO (clip 0.2/0.2) and DAPO's
     clip-higher (``clip_high=0.28``), the paper's baselines, on the same kernels.
 
@@ -273,7 +322,8 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
     optional dual clip ``clip_ratio_c``. Token-level aggregation ("sum" then divide by a global
     token count, or "mean") is the caller's choice through ``reduction``. ``mode``, the KL
     term (``ref_logprobs``, ``beta``, ``kl_estimator``), ``entropy_coef`` and the other options
-    as in ``fused_linear_nft_loss``.
+    as in ``fused_linear_nft_loss``, the vocab-parallel head (``process_group``, ``vocab_start``
+    or a DTensor weight) included.
 
     ``importance_sampling_level="sequence"`` (GSPO) replaces each token's ratio by its
     response's, exp(mean of logp - old over the response's counted tokens), with
@@ -292,14 +342,16 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
                              softcap=softcap, reduction=reduction, impl=impl, mode=mode,
                              workspace_bytes=workspace_bytes, validate=validate,
                              deterministic=deterministic, filter_eps=filter_eps,
-                             return_stats=return_stats)
+                             return_stats=return_stats, process_group=process_group,
+                             vocab_start=vocab_start)
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, spec,
         {"old_logprobs": old_logprobs, "advantages": advantages, "correct_rate": None,
          "token_weights": token_weights, **_per_token_ref(ref_logprobs, beta)},
         unit_names=(), reduction=reduction, filter_eps=filter_eps, deterministic=deterministic,
         impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
-        compute_entropy=return_stats, scalar_loss=True, softcap=softcap)
+        compute_entropy=return_stats, scalar_loss=True, softcap=softcap,
+        process_group=process_group, vocab_start=vocab_start)
     if return_stats:
         return loss, {"logprobs": logp.detach(), "entropy": entropy.detach()}
     return loss
@@ -326,7 +378,7 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
                   ref_logprobs, token_weights, bias, temperature, reduction, impl, mode,
                   softcap=None,
                   workspace_bytes, validate, deterministic, filter_eps, return_stats,
-                  logprobs=None):
+                  logprobs=None, process_group=None, vocab_start=None):
     """GSPO: the fused (or given) log-probs, then ``heads.sequence_ppo_loss`` by autograd.
     With ``logprobs`` given (``ppo_clip_loss``) no hidden states are needed."""
     val.check_reduction(reduction)
@@ -338,7 +390,8 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
         out = fused_linear_logprobs(hidden, weight, target, bias=bias, temperature=temperature,
                                     softcap=softcap, return_entropy=want_entropy, mask=mask,
                                     impl=impl, mode=mode, workspace_bytes=workspace_bytes,
-                                    validate=validate, deterministic=deterministic)
+                                    validate=validate, deterministic=deterministic,
+                                    process_group=process_group, vocab_start=vocab_start)
         logp, entropy = out if want_entropy else (out, None)
     else:
         logp = logprobs
@@ -379,7 +432,8 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
 @torch.compiler.disable
 def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0, softcap=None,
                           return_entropy=False, mask=None, impl="auto", mode="auto",
-                          workspace_bytes=None, validate=True, deterministic=False):
+                          workspace_bytes=None, validate=True, deterministic=False,
+                          process_group=None, vocab_start=None):
     """fp32 log pi(target) = log_softmax(cap(h W^T + b) / T)[target] per token (cap: the
     ``softcap`` soft-capping, when given), differentiable
     (and the per-token entropy of the softmax, also differentiable, with return_entropy).
@@ -387,12 +441,15 @@ def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
     Under ``torch.no_grad()`` this is how a trainer recomputes old log-probs with the same
     kernel as the loss, so that on-policy R is exactly 1 (use the same ``mode`` and
     ``workspace_bytes`` as the loss for bit-identical values). Masked tokens return 0.
+    A vocab-sharded weight (``process_group``, ``vocab_start``, or a DTensor weight) as in
+    ``fused_linear_nft_loss``.
     """
     loss, logp, entropy = _fused(
         hidden, weight, target, mask, bias, temperature, HeadSpec(kind="none"), {},
         unit_names=(), reduction="none", filter_eps=None, deterministic=deterministic,
         impl=impl, mode=mode, workspace_bytes=workspace_bytes, validate=validate,
-        compute_entropy=return_entropy, scalar_loss=False, softcap=softcap)
+        compute_entropy=return_entropy, scalar_loss=False, softcap=softcap,
+        process_group=process_group, vocab_start=vocab_start)
     del loss
     return (logp, entropy) if return_entropy else logp
 

@@ -99,12 +99,16 @@ class ChunkedEngine:
     grads_in_forward = True
     takes_device_mask = True
 
-    def __init__(self, impl: str, workspace_bytes: int):
-        self.impl, self.workspace_bytes = impl, workspace_bytes
+    def __init__(self, impl: str, workspace_bytes: int, shard=None):
+        self.impl, self.workspace_bytes, self.shard = impl, workspace_bytes, shard
 
     def _run(self, *args, **kwargs):
         return chunked.run(*args, row_op=self.impl, workspace_bytes=self.workspace_bytes,
-                           **kwargs)
+                           shard=self.shard, **kwargs)
+
+    def _full_dh(self, dh):
+        """A vocabulary shard's dH is its part of the sum over ranks: all-reduce it."""
+        return dh if self.shard is None else self.shard.reduce_hidden_grad(dh)
 
     def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
                 token_weights, ref, spec, scaling, compute_entropy):
@@ -124,7 +128,7 @@ class ChunkedEngine:
                                     token_weights, ref, spec, scaling, compute_entropy,
                                     stats=True, write_grads=want, grad_scale=grad_scale,
                                     entropy_coef=spec.entropy_coef)
-        return out["loss"], out["logp"], out["entropy"], dh, dw, db
+        return out["loss"], out["logp"], out["entropy"], self._full_dh(dh), dw, db
 
     def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
                  scaling, want):
@@ -132,7 +136,7 @@ class ChunkedEngine:
                                   None, None, HeadSpec(), scaling, False, stats=False,
                                   write_grads=want,
                                   saved=state, g_logp=g_logp, g_ent=g_ent)
-        return dh, dw, db
+        return self._full_dh(dh), dw, db
 
 
 class LeanEngine:
@@ -141,8 +145,9 @@ class LeanEngine:
     mode = "lean"
     grads_in_forward = False
 
-    def __init__(self, impl: str, filter_eps, deterministic: bool):
+    def __init__(self, impl: str, filter_eps, deterministic: bool, shard=None):
         self.impl, self.filter_eps, self.deterministic = impl, filter_eps, deterministic
+        self.shard = shard
         self.module = _triton_module() if impl == "triton" else lean_torch
         # The tile kernels can leave padded rows in place (g = 0 there); the PyTorch path
         # compacts them on the host.
@@ -154,6 +159,10 @@ class LeanEngine:
 
     def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
                 token_weights, ref, spec, scaling, compute_entropy):
+        if self.shard is not None:
+            return self._sharded_forward(hidden, weight, bias, target, rows, mask, old, reward,
+                                         rate, token_weights, ref, spec, scaling,
+                                         compute_entropy)
         logp, lse, entropy, loss, g = self.module.forward(
             hidden, weight, bias, target, self._rows(rows, hidden.shape[0], hidden.device), old,
             reward, rate, token_weights, ref, spec, scaling, compute_entropy)
@@ -162,20 +171,51 @@ class LeanEngine:
                                            for t in (logp, lse, entropy, loss, g))
         return loss, logp, entropy, g, (lse, entropy)
 
+    def _sharded_forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
+                         token_weights, ref, spec, scaling, compute_entropy):
+        """A vocabulary shard (``vocab_parallel.py``): this shard's statistics by the forward
+        kernel, combined across ranks (two all-reduces), then the loss head on the shared
+        values. The saved lse is the global one, for the backward's recompute."""
+        n_total, dev = hidden.shape[0], hidden.device
+        t_stats, _, owned = self.shard.targets(target)
+        row_ids = self._rows(rows, n_total, dev)
+        logp_r, lse_r, ent_r, _, _ = self.module.forward(
+            hidden, weight, bias, t_stats, row_ids, None, None, None, None, None, HeadSpec(),
+            scaling, compute_entropy)
+        logp, delta, entropy = self.shard.combine(logp_r, lse_r,
+                                                  ent_r if compute_entropy else None, owned)
+        entropy = ent_r if entropy is None else entropy
+        counted = torch.zeros(n_total, dtype=torch.bool, device=dev).index_fill_(0, row_ids, True)
+        if mask is not None:
+            counted &= mask
+        zero = torch.zeros_like(logp)
+        logp, lse, entropy = (torch.where(counted, t, zero) for t in (logp, lse_r + delta, entropy))
+        loss, g = zero, zero
+        if spec.kind != "none":
+            loss, g = self.module.head_forward(logp, old, reward, rate, token_weights, ref,
+                                               counted, spec)
+        return loss, logp, entropy, g, (lse, entropy)
+
     def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
                  scaling, want):
         del mask, want  # g_logp / g_ent are already 0 on padded rows
         lse, entropy = state
-        return self.module.backward(hidden, weight, bias, target,
-                                    self._rows(rows, hidden.shape[0], hidden.device), lse,
-                                    entropy, g_logp, g_ent, scaling, self.filter_eps,
-                                    self.deterministic)
+        if self.shard is not None:  # no onehot where another rank holds the target
+            _, target, _ = self.shard.targets(target)
+        dh, dw, db = self.module.backward(hidden, weight, bias, target,
+                                          self._rows(rows, hidden.shape[0], hidden.device), lse,
+                                          entropy, g_logp, g_ent, scaling, self.filter_eps,
+                                          self.deterministic)
+        if self.shard is not None:
+            self.shard.reduce_hidden_grad(dh)
+        return dh, dw, db
 
 
 def engine(impl: str, mode: str, device: torch.device, vocab: int, *, filter_eps=None,
-           deterministic: bool = False, workspace_bytes=None):
+           deterministic: bool = False, workspace_bytes=None, shard=None):
     """The engine that runs a fused call: ``ChunkedEngine`` or ``LeanEngine``. ``"auto"``
-    falls back to the lean mode when the workspace cannot hold one row of logits."""
+    falls back to the lean mode when the workspace cannot hold one row of logits (of the
+    largest shard, with a vocab-parallel ``shard``: every rank takes the same mode)."""
     which = resolve_impl(impl, device)
     chosen = resolve_mode(mode, filter_eps)
     budget = check_workspace_bytes(workspace_bytes, device)
@@ -185,8 +225,8 @@ def engine(impl: str, mode: str, device: torch.device, vocab: int, *, filter_eps
                              f"(4 * V = {4 * vocab} bytes); raise it or use mode='lean'")
         chosen = "lean"
     if chosen == "chunked":
-        return ChunkedEngine(which, budget)
-    return LeanEngine(which, filter_eps, deterministic)
+        return ChunkedEngine(which, budget, shard)
+    return LeanEngine(which, filter_eps, deterministic, shard)
 
 
 def extra_memory_bytes(n_tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype,

@@ -94,13 +94,15 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
 def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_weights, ref, scale,
                spec: HeadSpec, scaling: LogitScaling, compute_entropy, stats, write_dz, out,
-               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0):
+               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0, keep_logits=False):
     """What ``ops/chunk_rows.py`` does, in torch, on an fp32 chunk ``ws`` [c, V] of logits.
 
     Writes the per-token outputs at ``rows_c`` into ``out`` (logp, rowmax, logsum, entropy,
     loss, g) and, with ``write_dz``, dz over ``ws`` in place (fp32). Processes a few rows at a
     time so that its temporaries stay in cache. ``saved``: (rowmax, logsum, entropy) [N] for
-    the backward's recompute (``stats=False``).
+    the backward's recompute (``stats=False``), where a target of -1 matches no column (held
+    by another rank of a vocab-parallel group). ``keep_logits``: leave ``ws`` as it was (the
+    vocab-parallel statistics pass, whose dz pass follows on the same logits).
     """
     c, vocab = ws.shape
     bonus = stats and entropy_coef != 0.0  # the entropy bonus of a scalar loss
@@ -108,7 +110,7 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
     block = max(1, _TORCH_ROW_BLOCK_ELEMENTS // vocab)
     for r0 in range(0, c, block):
         r1 = min(r0 + block, c)
-        x = ws[r0:r1]
+        x = ws[r0:r1].clone() if keep_logits else ws[r0:r1]
         idx = rows_c[r0:r1]
         counted = None if mask is None else mask.index_select(0, idx)
         tgt = target.index_select(0, idx).long()
@@ -181,7 +183,9 @@ def torch_rows(ws, rows_c, *, bias32, target, mask, old, reward, rate, token_wei
                 x.add_(ent).mul_(ge).add_(g[:, None]).mul_(p).neg_()  # -p (g + ge (log p + H))
             else:
                 x.exp_().mul_(-g[:, None])
-            x.scatter_add_(1, tgt[:, None], g[:, None])
+            own = tgt >= 0  # -1: the target is another rank's column
+            x.scatter_add_(1, tgt.clamp(min=0)[:, None],
+                           torch.where(own, g, torch.zeros_like(g))[:, None])
             if not isinstance(inv_t, float) or inv_t != 1.0:
                 x.mul_(inv_t)
         if cap_d is not None:
@@ -203,7 +207,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         spec: HeadSpec, scaling: LogitScaling, compute_entropy: bool, *, row_op,
         workspace_bytes: int,
         stats: bool, write_grads, grad_scale=None, saved=None, g_logp=None, g_ent=None,
-        entropy_coef=0.0):
+        entropy_coef=0.0, shard=None):
     """One pass of the chunked mode over the counted rows.
 
     ``rows``: int64 indices of the counted rows (None: every row of ``hidden``), ``mask``: a
@@ -212,8 +216,12 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
     head (forward); otherwise the backward's recompute with ``saved`` = (rowmax, logsum,
     entropy) and per-token ``g_logp`` / ``g_ent``. ``write_grads``: (dH, dW, d bias) wanted.
     ``entropy_coef``: the entropy bonus of a scalar loss (in its loss and its gradients).
+    ``shard``: a ``vocab_parallel.VocabShard`` when ``weight`` is this rank's vocabulary shard
+    (then the statistics are combined across ranks per chunk, ``_sharded_chunk``; dh is this
+    rank's part, which the caller all-reduces).
 
-    Returns (per-token outputs dict or None, dh, dw, db); dh in the input dtype, dw / db fp32.
+    Returns (per-token outputs dict or None, dh, dw, db); dh in the input dtype (fp32 when
+    sharded over several ranks, for the all-reduce), dw / db fp32.
     """
     n_total, width = hidden.shape
     vocab = weight.shape[0]
@@ -224,7 +232,11 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
     if stats:
         out = {k: torch.zeros(n_total, dtype=torch.float32, device=dev)
                for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")}
-    dh = torch.zeros_like(hidden) if want_dh else None
+    partial_dh = shard is not None and shard.world > 1
+    dh = None
+    if want_dh:
+        dh = torch.zeros(hidden.shape, dtype=torch.float32 if partial_dh else hidden.dtype,
+                         device=dev)
     dw = None
     if want_dw:
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
@@ -239,10 +251,35 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
     if grad_scale is None:
         grad_scale = torch.ones((), dtype=torch.float32, device=dev)
     row_ids = _row_ids(rows, n_total, dev)
-    c = rows_per_chunk(workspace_bytes, vocab, n)
+    # Sharded: every rank sizes its chunks by the largest shard, so that all ranks take the
+    # same number of chunks (and of per-chunk all-reduces).
+    c = rows_per_chunk(workspace_bytes, vocab if shard is None else shard.max_size, n)
     workspace = torch.empty((c, vocab), dtype=torch.float32, device=dev)
-    # 16-bit dz lives in the first half of each fp32 row of the workspace (row stride 2V).
-    dz_dtype = hidden.dtype if hidden.is_cuda or row_op != "torch" else torch.float32
+    # The row kernel writes 16-bit dz in the first half of each fp32 row of the workspace (row
+    # stride 2V); the torch row math writes fp32 dz over the logits.
+    dz_dtype = hidden.dtype if row_op != "torch" else torch.float32
+    common = dict(target=target, mask=mask, old=old, reward=reward, rate=rate,
+                  token_weights=token_weights, ref=ref, scale=grad_scale, spec=spec,
+                  scaling=scaling, compute_entropy=compute_entropy,
+                  stats=stats, write_dz=write_dz, out=out, saved=saved, g_logp=g_logp,
+                  g_ent=g_ent, entropy_coef=entropy_coef)
+    sharded = None
+    if shard is not None:
+        t_stats, t_dz, owned = shard.targets(target)
+        common["target"] = t_dz  # the backward's recompute: no onehot off the shard
+        if stats:
+            sharded = _ShardedRows(shard, t_stats, t_dz, owned, n_total, dev,
+                                   write_dz, entropy_coef, common, row_op)
+
+    def row_pass(ws, dz, rows_c, **changes):
+        args = dict(common, **changes)
+        if row_op == "torch":
+            torch_rows(ws, rows_c, bias32=bias32, **args)
+        else:
+            from . import triton_launch  # noqa: PLC0415 - Triton only when it runs
+
+            triton_launch.chunk_rows(ws, dz, rows_c, bias=bias, **args)
+
     for c0, c1 in _chunks(n, c):
         rows_c = row_ids[c0:c1]
         h_c = hidden[c0:c1] if rows is None else hidden.index_select(0, rows_c)
@@ -251,17 +288,10 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         ws = workspace[: c1 - c0]
         _logits_into(ws, h_c, w_g)
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
-        common = dict(target=target, mask=mask, old=old, reward=reward, rate=rate,
-                      token_weights=token_weights, ref=ref, scale=grad_scale, spec=spec,
-                      scaling=scaling, compute_entropy=compute_entropy,
-                      stats=stats, write_dz=write_dz, out=out, saved=saved, g_logp=g_logp,
-                      g_ent=g_ent, entropy_coef=entropy_coef)
-        if row_op == "torch":
-            torch_rows(ws, rows_c, bias32=bias32, **common)
+        if sharded is not None:
+            sharded.chunk(row_pass, ws, dz, rows_c)
         else:
-            from . import triton_launch  # noqa: PLC0415 - Triton only when it runs
-
-            triton_launch.chunk_rows(ws, dz, rows_c, bias=bias, **common)
+            row_pass(ws, dz, rows_c)
         if not write_dz:
             continue
         if dz.dtype != gemm_dtype:  # CPU, 16-bit dz (interpreted kernel): GEMMs in fp32
@@ -272,7 +302,88 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
             if rows is None and dh.dtype == gemm_dtype:
                 torch.mm(dz, w_g, out=dh[c0:c1])
             else:
-                dh.index_copy_(0, rows_c, torch.mm(dz, w_g).to(dh.dtype))
+                dh.index_copy_(0, rows_c, _mm_fp32(dz, w_g).to(dh.dtype))
         if want_dw:
             _add_weight_grad(dw, dz, h_c)
     return out, dh, dw, db
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result (16-bit operands accumulate and return in fp32)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    return torch.mm(a, b, out_dtype=torch.float32)
+
+
+class _ShardedRows:
+    """The forward of one chunk when the weight is a vocabulary shard (``vocab_parallel.py``):
+    the row kernel's statistics pass on this shard (logits kept), the combination across
+    ranks (two all-reduces of the chunk's rows), the loss head on the shared values, then the
+    row kernel's dz pass with the global log-normalizer (the backward's recompute mode, on
+    the logits still in the workspace: gradients stay in the forward, 6NHV / tp per rank)."""
+
+    def __init__(self, shard, t_stats, t_dz, owned, n_total, dev, write_dz, entropy_coef,
+                 common, row_op):
+        self.shard, self.t_stats, self.t_dz, self.owned = shard, t_stats, t_dz, owned
+        self.write_dz, self.entropy_coef, self.common = write_dz, entropy_coef, common
+        self.out = common["out"]
+        self.bonus = entropy_coef != 0.0
+        self.need_entropy = common["compute_entropy"] or self.bonus
+        # The torch row math without entropy or soft cap leaves e = exp(x - m) in the
+        # workspace after its statistics; then p = e exp(-log s) needs no second exp.
+        self.from_exp = (row_op == "torch" and not self.need_entropy
+                         and common["scaling"].softcap is None)
+        self.g_buf = torch.zeros(n_total, dtype=torch.float32, device=dev) if write_dz else None
+        self.ge_buf = (torch.zeros(n_total, dtype=torch.float32, device=dev)
+                       if write_dz and self.bonus else None)
+
+    def chunk(self, row_pass, ws, dz, rows_c):
+        out, spec, common = self.out, self.common["spec"], self.common
+        row_pass(ws, dz, rows_c, target=self.t_stats, spec=HeadSpec(), stats=True,
+                 write_dz=False, compute_entropy=self.need_entropy, entropy_coef=0.0,
+                 keep_logits=not self.from_exp)
+        take = lambda t: None if t is None else t.index_select(0, rows_c)  # noqa: E731
+        lse_r = take(out["rowmax"]) + take(out["logsum"])
+        logp, delta, ent = self.shard.combine(take(out["logp"]), lse_r,
+                                              take(out["entropy"]) if self.need_entropy
+                                              else None, take(self.owned))
+        counted = take(common["mask"])
+        zero = torch.zeros_like(logp)
+        keep = (lambda v: v) if counted is None else (lambda v: torch.where(counted, v, zero))
+        out["logp"][rows_c] = keep(logp)
+        out["logsum"][rows_c] = keep(take(out["logsum"]) + delta)
+        if self.need_entropy:
+            out["entropy"][rows_c] = keep(ent)
+        g = zero
+        if spec.kind != "none":
+            pick = lambda t: None if t is None else take(t).float()  # noqa: E731
+            loss, g = head_loss_and_grad(spec, logp, pick(common["old"]),
+                                         pick(common["reward"]), pick(common["rate"]),
+                                         pick(common["token_weights"]), pick(common["ref"]))
+            if self.bonus:  # - c w H per token, as the row kernel's ENT_BONUS
+                ent_weight = self.entropy_coef * (1.0 if common["token_weights"] is None
+                                                  else pick(common["token_weights"]))
+                loss = loss - ent_weight * ent
+            out["loss"][rows_c] = keep(loss)
+            out["g"][rows_c] = keep(g)
+        if not self.write_dz:
+            return
+        scale = common["scale"]
+        if self.from_exp:  # dz = g (onehot - e / s) / T over e in place, s the global sum
+            inv_t = common["scaling"].inv(rows_c)
+            coef = keep(g) * scale * (inv_t if isinstance(inv_t, float) else inv_t.reshape(-1))
+            p_scale = torch.exp(-take(out["logsum"]))  # 1 / s: this row's e -> p
+            ws.mul_((-coef * p_scale)[:, None])
+            t_dz = take(self.t_dz)
+            ws.scatter_add_(1, t_dz.clamp(min=0)[:, None],
+                            torch.where(t_dz >= 0, coef, zero)[:, None])
+            if counted is not None:
+                ws.masked_fill_(~counted[:, None], 0.0)  # padded rows: exactly 0, NaN-proof
+            return
+        self.g_buf[rows_c] = keep(g) * scale
+        if self.bonus:
+            self.ge_buf[rows_c] = keep(-ent_weight * scale + zero)
+        row_pass(ws, dz, rows_c, target=self.t_dz, spec=HeadSpec(), stats=False, write_dz=True,
+                 compute_entropy=False, entropy_coef=0.0,
+                 saved=(out["rowmax"], out["logsum"], out["entropy"]), g_logp=self.g_buf,
+                 g_ent=self.ge_buf)

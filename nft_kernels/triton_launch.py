@@ -147,9 +147,11 @@ def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSp
 def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, ref,
                scale, spec: HeadSpec, scaling: LogitScaling, compute_entropy, stats, write_dz,
                out,
-               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0):
+               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0, keep_logits=False):
     """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
-    in its own dtype. ``entropy_coef`` != 0: the entropy bonus, in the loss and in dz."""
+    in its own dtype. ``entropy_coef`` != 0: the entropy bonus, in the loss and in dz.
+    ``keep_logits`` needs nothing here: only the dz pass writes over the logits."""
+    del keep_logits
     bonus = bool(stats and entropy_coef != 0.0)
     c = ws.shape[0]
     if c == 0:

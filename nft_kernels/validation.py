@@ -102,14 +102,21 @@ class ValueChecks:
         return len(self._values) - 1
 
     def run(self) -> list[float]:
+        failure, values = self.collect()
+        if failure is not None:
+            raise ValueError(failure)
+        return values
+
+    def collect(self) -> tuple[str | None, list[float]]:
+        """(the first failure's message or None, the added values), without raising."""
         everything = self._failed + self._values
         if not everything:
-            return []
+            return None, []
         host = torch.stack(everything).tolist()
         for failed, explain in zip(host, self._explain):
             if failed:
-                raise ValueError(explain())
-        return host[len(self._failed):]
+                return explain(), host[len(self._failed):]
+        return None, host[len(self._failed):]
 
     # -- the checks --------------------------------------------------------------------------
     def finite_tensor(self, name, value):

@@ -1,0 +1,257 @@
+"""Vocab-parallel LM head: the fused losses when ``lm_head.weight`` is sharded over the
+vocabulary across a tensor-parallel group (Megatron's vocab-parallel head, torch's
+``ColwiseParallel`` + ``loss_parallel``, verl's Megatron backend).
+
+Each rank holds rows [start, start + V_r) of W (and of the bias) and the same hidden states,
+targets and per-token inputs. Per token, each rank computes from its shard alone the
+log-normalizer lse_r = log sum_{j in shard} exp(x_j), the entropy H_r of the softmax restricted
+to the shard and, on the rank that holds the target, logp_r = x_target - lse_r (other ranks
+treat the target like padding). One all-reduce of the maximum and one of the sums give every
+rank the same values:
+
+    L = max_r lse_r,  S = sum_r exp(lse_r - L),  lse = L + log S,
+    logp = logp_owner - (lse - lse_owner),
+    H = sum_r P_r (H_r - log P_r),  P_r = exp(lse_r - lse)   (the shard's probability mass),
+
+so the loss head (Eq. 8, or PPO-clip) runs on identical values on every rank. The gradient
+dz = g (onehot - p) / T of a rank's columns needs only the global lse (and H), so each rank
+forms its own dW shard; dH = sum_r dz_r W_r takes one all-reduce of [N, H]. Communication is
+O(N) values per all-reduce (the chunked mode's gradients-in-the-forward path takes the two per
+chunk of rows) plus the [N, H] dH, never O(N V). At one rank all of this reduces exactly to
+the values of the unsharded computation.
+
+Collectives must be taken in the same order on every rank, so an input error found on one rank
+alone would leave the others waiting. ``GroupCall`` runs the checks of a call as agreement
+rounds (one small all_gather each): an error on any rank is raised on every rank, naming the
+argument and the rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch without DTensor
+    DTensor = None
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+# Round 1's per-rank numbers: what each rank holds, and settings every rank must share.
+_META = ("vocab", "hidden_size", "tokens", "dtype", "bias", "vocab_start", "grad_hidden",
+         "grad_weight", "grad_bias", "validate", "mode", "workspace_bytes")
+_SHARED = {
+    "hidden_size": "weight: the shards' hidden sizes H differ across ranks",
+    "tokens": "hidden: the number of tokens differs across ranks (every rank of the "
+              "tensor-parallel group takes the same hidden states and per-token inputs)",
+    "dtype": "weight: the shards' dtypes differ across ranks",
+    "bias": "bias: given on some ranks and not on others",
+    "grad_hidden": "hidden: requires_grad differs across ranks",
+    "grad_weight": "weight: requires_grad differs across ranks",
+    "grad_bias": "bias: requires_grad differs across ranks",
+    "validate": "validate differs across ranks",
+    "mode": "mode differs across ranks",
+    "workspace_bytes": "workspace_bytes differs across ranks",
+}
+_FIELDS = max(len(_META), 2)
+
+
+def is_dtensor(value) -> bool:
+    return DTensor is not None and isinstance(value, DTensor)
+
+
+def tensor_parallel_group(weight, process_group):
+    """The group that shards ``weight`` over the vocabulary, or None for a whole weight.
+
+    A DTensor weight names its own group: the mesh dimension where it is ``Shard(0)``. Plain
+    tensors are local shards of the group given as ``process_group``."""
+    if is_dtensor(weight):
+        if process_group is not None:
+            raise ValueError("process_group must be None with a DTensor weight (its device mesh "
+                             "already names the tensor-parallel group)")
+        placements = tuple(weight.placements)
+        dims = [i for i, p in enumerate(placements) if p.is_shard(0)]
+        others = [p for i, p in enumerate(placements) if i not in dims and not p.is_replicate()]
+        if len(dims) != 1 or others:
+            raise ValueError(f"weight: a DTensor weight must be Shard(0) on one mesh dimension "
+                             f"(the tensor-parallel one) and Replicate on the others, got "
+                             f"placements {placements}")
+        return weight.device_mesh.get_group(dims[0])
+    if process_group is None:
+        return None
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group is given but torch.distributed is not initialized")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got "
+                        f"{type(process_group).__name__}")
+    return process_group
+
+
+def local_part(name: str, value, shard_dim0: bool):
+    """The local tensor of a DTensor argument (differentiable: gradients flow back to the
+    DTensor with its placements); plain tensors pass through. ``shard_dim0``: the weight and
+    bias (Shard(0) on the tensor-parallel dimension); other arguments must be replicated."""
+    if not is_dtensor(value):
+        return value
+    if not shard_dim0 and not all(p.is_replicate() for p in value.placements):
+        raise ValueError(f"{name}: a DTensor {name} must be replicated (Replicate placements) "
+                         f"over the mesh, got {tuple(value.placements)}")
+    return value.to_local()
+
+
+class GroupCall:
+    """Collective bookkeeping of one sharded call. ``round`` is an agreement round: every rank
+    gives its numbers and whether its own checks failed, every rank gets all of them, and a
+    failure anywhere is raised everywhere."""
+
+    def __init__(self, group):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        backend = str(dist.get_backend(group)).lower()
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend
+                       else torch.device("cpu"))
+        self.finished = False
+
+    def round(self, numbers=(), failure: BaseException | None = None) -> list[list[int]]:
+        row = torch.zeros(_FIELDS + 1, dtype=torch.int64)
+        row[0] = failure is not None
+        row[1:1 + len(numbers)] = torch.tensor([int(v) for v in numbers], dtype=torch.int64)
+        row = row.to(self.device)
+        gathered = [torch.empty_like(row) for _ in range(self.world)]
+        dist.all_gather(gathered, row, group=self.group)
+        rows = [r.tolist() for r in gathered]
+        failed = [r for r in range(self.world) if rows[r][0]]
+        if failed:
+            self.finished = True  # no more rounds: every rank raises here
+            mine = None if failure is None else (type(failure).__name__, str(failure))
+            messages = [None] * self.world
+            dist.all_gather_object(messages, mine, group=self.group)
+            kind, text = messages[failed[0]]
+            where = f"rank {failed[0]}" + (f" (and ranks {failed[1:]})" if failed[1:] else "")
+            error = TypeError if kind == "TypeError" else ValueError
+            raise error(f"{text} [{where} of the tensor-parallel group]") from failure
+        return [r[1:] for r in rows]
+
+    def shard(self, *, vocab, hidden_size, tokens, dtype, bias, vocab_start, want, validate,
+              mode, workspace_bytes) -> VocabShard:
+        """Round 1: every rank's shard size and settings. Returns this rank's ``VocabShard``;
+        raises on every rank when the shards do not fit together."""
+        mine = dict(vocab=vocab, hidden_size=hidden_size, tokens=tokens,
+                    dtype=_DTYPE_CODES[dtype], bias=bias,
+                    vocab_start=-1 if vocab_start is None else vocab_start,
+                    grad_hidden=want[0], grad_weight=want[1], grad_bias=want[2],
+                    validate=validate, mode=("auto", "chunked", "lean").index(mode),
+                    workspace_bytes=-1 if workspace_bytes is None else workspace_bytes)
+        rows = self.round([mine[k] for k in _META])
+        table = {k: [r[i] for r in rows] for i, k in enumerate(_META)}
+        # Every rank sees the same table: an error below is raised on all of them at once
+        # (no further round); otherwise round 2 (the value checks) follows with validate=True.
+        self.finished = True
+        for key, message in _SHARED.items():
+            if len(set(table[key])) > 1:
+                raise ValueError(f"{message}: {table[key]} on ranks 0..{self.world - 1}")
+        sizes, starts = table["vocab"], table["vocab_start"]
+        total = sum(sizes)
+        derived = [sum(sizes[:r]) for r in range(self.world)]
+        if all(s == -1 for s in starts):
+            starts = derived
+        else:
+            spans = sorted(zip(starts, sizes))
+            tiles = all(s >= 0 for s in starts) and spans[0][0] == 0 and all(
+                a + n == b for (a, n), (b, _) in zip(spans, spans[1:]))
+            if not tiles:
+                raise ValueError(f"vocab_start: the shards [vocab_start, vocab_start + V_r) must "
+                                 f"tile [0, {total}) without gaps or overlaps, got vocab_start "
+                                 f"{table['vocab_start']} and V_r {sizes} on ranks "
+                                 f"0..{self.world - 1} (leave vocab_start=None to place the "
+                                 f"shards in rank order)")
+        self.finished = not validate
+        return VocabShard(self, start=starts[self.rank], size=sizes[self.rank], total=total,
+                          max_size=max(sizes))
+
+    def value_checks(self, checks, count_slot) -> list[float]:
+        """Round 2: the value checks of every rank (one all_gather), and the number of counted
+        tokens, which must agree across ranks (the chunked mode takes one pair of all-reduces
+        per chunk of counted rows)."""
+        failure, host = checks.collect()
+        count = -1 if count_slot is None else int(host[count_slot])
+        rows = self.round([count], failure=None if failure is None else ValueError(failure))
+        self.finished = True
+        counts = [r[0] for r in rows]
+        if len(set(counts)) > 1:
+            raise ValueError(f"mask: the number of counted tokens differs across ranks "
+                             f"({counts}); every rank of the tensor-parallel group takes the "
+                             f"same mask")
+        return host
+
+
+@contextlib.contextmanager
+def agreement(call: GroupCall | None):
+    """Around a sharded call's checks: an exception on this rank before the last agreement
+    round joins the next round as a failure, so that every rank raises it (instead of the
+    others waiting in a collective this rank never reaches)."""
+    if call is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as err:
+        if call.finished:
+            raise
+        call.round(failure=err)  # raises on every rank
+        raise
+
+
+@dataclass
+class VocabShard:
+    """This rank's rows [start, start + size) of a vocabulary of ``total`` rows."""
+    call: GroupCall
+    start: int
+    size: int
+    total: int
+    max_size: int  # the largest shard: every rank sizes its chunks by it (same chunk count)
+
+    @property
+    def world(self) -> int:
+        return self.call.world
+
+    def targets(self, target: torch.Tensor):
+        """(for the statistics pass: a column of the shard, clamped; for dz: the local column,
+        or -1 where another rank holds the target, which matches no column; owned: bool)."""
+        local = target.long() - self.start
+        owned = (local >= 0) & (local < self.size)
+        return (local.clamp(0, self.size - 1), torch.where(owned, local, torch.full_like(local, -1)),
+                owned)
+
+    def _all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        dist.all_reduce(tensor, op=op, group=self.call.group)
+        return tensor
+
+    def combine(self, logp_r, lse_r, entropy_r, owned):
+        """Per token, from this rank's shard statistics, the values every rank shares:
+        (logp, delta, entropy) with delta = lse - lse_r (what the rank adds to its own
+        log-normalizer for the gradient pass). Two all-reduces; none at one rank."""
+        if self.world == 1:
+            return logp_r, torch.zeros_like(lse_r), entropy_r
+        top = self._all_reduce(lse_r.clone(), dist.ReduceOp.MAX)
+        rel = lse_r - top  # <= 0
+        e = torch.exp(rel)
+        zero = torch.zeros_like(rel)
+        parts = [e, torch.where(owned, logp_r, zero), torch.where(owned, rel, zero)]
+        if entropy_r is not None:
+            parts += [e * entropy_r, e * rel]
+        sums = self._all_reduce(torch.stack(parts))
+        log_s = torch.log(sums[0])
+        logp = sums[1] - (log_s - sums[2])  # logp_owner - (lse - lse_owner)
+        entropy = None if entropy_r is None else (sums[3] - sums[4]) / sums[0] + log_s
+        return logp, log_s - rel, entropy
+
+    def reduce_hidden_grad(self, dh):
+        """dH = sum over ranks of dz_r W_r (in place)."""
+        if dh is not None and self.world > 1:
+            self._all_reduce(dh)
+        return dh
