@@ -209,6 +209,11 @@ def headline(out: Path) -> dict:
             if peer in row:
                 entry[f"speedup_vs {peer}"] = row[peer]["time_ms"] / ours["time_ms"]
                 entry[f"peak_mib {peer}"] = row[peer]["peak_extra_mib"]
+        # The vocab-parallel code path at tp=1 (a process group of one) over the plain call.
+        for mode in ("chunked", "lean"):
+            plain, sharded = row.get(f"nft_kernels {mode}"), row.get(f"nft_kernels {mode} tp=1")
+            if plain and sharded:
+                entry[f"tp=1 time ratio {mode}"] = sharded["time_ms"] / plain["time_ms"]
         found[f"N={n}"] = entry
     big = found.get(f"N={TOKENS[-1]}", {})
     targets = {
@@ -216,12 +221,18 @@ def headline(out: Path) -> dict:
         ">= 2x Liger GRPO": _at_least(big.get("speedup_vs Liger GRPO (DAPO loss)"), 2.0),
         ">= 1.5x CCE + NFT": _at_least(big.get("speedup_vs CCE + NFT"), 1.5),
         "peak memory within the formula": big.get("within_memory_bound"),
+        "vocab-parallel path at tp=1 within 5% of the plain call (chunked)":
+            _at_most(big.get("tp=1 time ratio chunked"), 1.05),
     }
     return dict(figures=found, targets=targets)
 
 
 def _at_least(value, bound):
     return None if value is None else value >= bound
+
+
+def _at_most(value, bound):
+    return None if value is None else value <= bound
 
 
 def write_summary(out: Path, steps, meta, figures):

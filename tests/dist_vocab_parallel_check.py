@@ -6,7 +6,8 @@ weight itself, then the sharded one on its rows, and compares: loss, log-probs, 
 and its own dW / d bias rows, in both modes, for the NFT and PPO heads with bias, temperature
 (scalar and per token), masks, soft-capping, KL, entropy (a bonus, and differentiated
 log-probs / entropy); uneven shards, shards placed by vocab_start, a DTensor weight; then bad
-input on one rank, which must raise on every rank. Arguments: IMPL (torch | triton).
+input on one rank, which must raise on every rank. Arguments: IMPL (torch | triton) and
+DEVICE (cpu, the default, with gloo | cuda, with NCCL: one GPU per process).
 Prints "VOCAB-PARALLEL OK rank R cases K" at the end.
 """
 import os
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss, fused_linear_ppo_loss
 
 N, H, V = 29, 16, 37  # V not divisible by 2 or 3: uneven shards
+DEVICE = torch.device("cpu")
 # fp32 tolerances: the sharded log-normalizer is a different summation order of the same
 # fp32 terms (a few ulp of lse ~ 4, so ~1e-6 in logp); gradients carry that relative error.
 TOL = dict(rtol=2e-5, atol=2e-5)
@@ -37,7 +39,7 @@ def problem(seed, *, bias=False, per_token_t=False, mask=True):
     p["bias"] = torch.randn(V, generator=gen) if bias else None
     p["mask"] = torch.rand(N, generator=gen) > 0.25 if mask else None
     p["temperature"] = (torch.rand(N, generator=gen) + 0.5) if per_token_t else 0.7
-    return p
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
 
 
 def shard_bounds(world, rank, how):
@@ -119,8 +121,13 @@ def expect_error_everywhere(case, fn, *words):
     raise AssertionError(f"{case}: no error raised on rank {dist.get_rank()}")
 
 
-def main(impl: str) -> None:
-    dist.init_process_group("gloo")
+def main(impl: str, device: str = "cpu") -> None:
+    global DEVICE
+    DEVICE = torch.device(device)
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        DEVICE = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.group.WORLD
     cases = 0
@@ -152,7 +159,7 @@ def main(impl: str) -> None:
     # GSPO (sequence-level ratio): fused log-probs on the shard, head on the shared values.
     p = problem(200)
     start, stop = shard_bounds(world, rank, "skewed")
-    seq = torch.arange(N) // 7
+    seq = torch.arange(N, device=DEVICE) // 7
     check_case("gspo", p, run_loss, group=group, start=start, stop=stop, head="ppo",
                reduction="sum", importance_sampling_level="sequence", sequence_ids=seq,
                impl=impl)
@@ -173,7 +180,7 @@ def check_dtensor(impl) -> int:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    mesh = init_device_mesh(DEVICE.type, (world,), mesh_dim_names=("tp",))
     p = problem(300, bias=True)
     start, stop = shard_bounds(world, rank, "even")
     n = 0

@@ -24,7 +24,8 @@ def test_bench_quick_runs_and_ours_uses_less_memory_than_naive(tmp_path):
     assert {"nft_kernels chunked", "nft_kernels lean", "nft_kernels lean filtered",
             "torch naive", "torch.compile naive", "torch.compile chunked", "CCE + NFT",
             "Liger GRPO (DAPO loss)", "TRL chunked logprob + NFT",
-            "nft_kernels PPO (DAPO loss)"} <= impls
+            "nft_kernels PPO (DAPO loss)", "nft_kernels chunked tp=1",
+            "nft_kernels lean tp=1"} <= impls
     for r in records:
         assert r["status"] in ("ok", "skipped", "OOM", "error"), r
         if r["status"] != "ok":

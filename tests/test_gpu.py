@@ -2,7 +2,12 @@
 host synchronisation, the chunked mode's memory bound. Skipped without CUDA; run by
 ``bench/gpu_acceptance.py`` (and by pytest on any CUDA machine)."""
 
+import os
+import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,11 +42,23 @@ def _grads(p):
 def test_nft_and_ppo_against_float64_on_tensor_cores(mode, dtype, shape):
     """Sizes that fill many tiles and chunks, 16-bit GEMMs on tensor cores; a small workspace
     forces several chunks."""
+    _check_against_float64(mode, dtype, shape)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pytorch_path_on_cuda_bf16(mode):
+    """impl="torch" on CUDA (the row math in torch around cuBLAS GEMMs): its fp32 dz must not
+    be read through the 16-bit view the row kernel writes (a bug this test would have shown)."""
+    _check_against_float64(mode, torch.bfloat16, (333, 96, 1031), impl="torch")
+
+
+def _check_against_float64(mode, dtype, shape, impl="auto"):
     n, h, v = shape
     for loss_kind in ("nft", "ppo"):
         p = make_problem(n, h, v, dtype, CUDA, seed=n + v, bias=True, temperature=0.8,
                          logit_scale=4.0)
-        opts = dict(bias=p["bias"], temperature=0.8, mode=mode, workspace_bytes=4 * v * 128)
+        opts = dict(bias=p["bias"], temperature=0.8, mode=mode, workspace_bytes=4 * v * 128,
+                    impl=impl)
         if loss_kind == "nft":
             loss = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
                                          p["rewards"], p["rate"], p["mask"], **opts)
@@ -191,3 +208,17 @@ def test_peak_memory_within_the_documented_bound(mode, dtype):
     bound = extra_memory_bytes(n, h, v, dtype, mode, workspace_bytes=budget,
                                counted_tokens=int(p["mask"].sum()))
     assert peak <= bound, (peak, bound)
+
+
+def test_vocab_parallel_one_rank_nccl():
+    """The vocab-parallel path on CUDA with an NCCL group of one (compiled Triton kernels,
+    agreement rounds on the GPU): equal to the unsharded call (tests/dist_vocab_parallel_check.py;
+    the multi-rank cases run on CPU with gloo in tests/test_vocab_parallel.py)."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+           "--master_port", "29561", str(root / "tests" / "dist_vocab_parallel_check.py"),
+           "triton", "cuda"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert re.search(r"VOCAB-PARALLEL OK rank 0 cases 29", proc.stdout), proc.stdout[-3000:]
