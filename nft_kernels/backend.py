@@ -244,6 +244,9 @@ def extra_memory_bytes(n_tokens: int, hidden_size: int, vocab: int, dtype: torch
         copy of the weight (4 V H).
     lean: grads + fp32 dH and dW accumulators (4 N H + 4 V H [+ 4 V]) + O(N); the PyTorch path
         adds 16 temporaries of [n, slice] fp32 logits (4 MiB each).
+    A vocab-parallel call (``vocab_parallel.py``) takes V as its own shard's rows (the chunked
+    workspace: the largest shard's) and, in the chunked mode over more than one rank with
+    16-bit inputs, an fp32 dH (4 N H) for the all-reduce; its other extra buffers are O(N).
     """
     device = torch.device(device)
     which = resolve_impl(impl, device)

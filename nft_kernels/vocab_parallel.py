@@ -57,6 +57,10 @@ _SHARED = {
     "workspace_bytes": "workspace_bytes differs across ranks",
 }
 _FIELDS = max(len(_META), 2)
+# validate=False: the shard layout found by a call's round 1, reused by later calls with the
+# same (group, this rank's shard) so that they take no agreement round (no host
+# synchronisation). Key: (id(group), world, rank, V_r, vocab_start) -> (start, total, largest).
+_LAYOUTS: dict[tuple, tuple[int, int, int]] = {}
 
 
 def is_dtensor(value) -> bool:
@@ -139,7 +143,13 @@ class GroupCall:
     def shard(self, *, vocab, hidden_size, tokens, dtype, bias, vocab_start, want, validate,
               mode, workspace_bytes) -> VocabShard:
         """Round 1: every rank's shard size and settings. Returns this rank's ``VocabShard``;
-        raises on every rank when the shards do not fit together."""
+        raises on every rank when the shards do not fit together. With ``validate=False`` a
+        layout seen before is reused without the round (no collective, no synchronisation)."""
+        layout_key = (id(self.group), self.world, self.rank, vocab, vocab_start)
+        if not validate and layout_key in _LAYOUTS:
+            self.finished = True
+            start, total, largest = _LAYOUTS[layout_key]
+            return VocabShard(self, start=start, size=vocab, total=total, max_size=largest)
         mine = dict(vocab=vocab, hidden_size=hidden_size, tokens=tokens,
                     dtype=_DTYPE_CODES[dtype], bias=bias,
                     vocab_start=-1 if vocab_start is None else vocab_start,
@@ -170,6 +180,7 @@ class GroupCall:
                                  f"0..{self.world - 1} (leave vocab_start=None to place the "
                                  f"shards in rank order)")
         self.finished = not validate
+        _LAYOUTS[layout_key] = (starts[self.rank], total, max(sizes))
         return VocabShard(self, start=starts[self.rank], size=sizes[self.rank], total=total,
                           max_size=max(sizes))
 

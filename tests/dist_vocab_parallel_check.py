@@ -165,6 +165,7 @@ def main(impl: str, device: str = "cpu") -> None:
                impl=impl)
     cases += 1
     cases += check_dtensor(impl)
+    cases += check_validate_false(impl, group, rank, world)
     if world > 1:
         cases += check_bad_input(impl, group, rank, world)
     sys.stdout.flush()  # then one write: the ranks share the pipe, lines must not interleave
@@ -199,6 +200,39 @@ def check_dtensor(impl) -> int:
         torch.testing.assert_close(b_dt.grad.to_local(), b_full.grad[start:stop], **TOL)
         n += 1
     return n
+
+
+def check_validate_false(impl, group, rank, world) -> int:
+    """validate=False: the first call learns the shard layout (one agreement round), later
+    ones take no agreement round at all (no all_gather, so no host synchronisation) and give
+    the same result."""
+    p = problem(500)
+    start, stop = shard_bounds(world, rank, "skewed")
+    weight = p["weight"][start:stop].clone()  # a shard size no earlier call used
+    gathers = []
+    real_all_gather = dist.all_gather
+
+    def counting_all_gather(*args, **kwargs):
+        gathers.append(1)
+        return real_all_gather(*args, **kwargs)
+
+    def call():
+        return fused_linear_nft_loss(p["hidden"], weight, p["target"], p["old"], p["rewards"],
+                                     p["rate"], p["mask"], impl=impl, process_group=group,
+                                     validate=False, vocab_start=start)
+
+    first = call()
+    dist.all_gather = counting_all_gather
+    try:
+        second = call()
+    finally:
+        dist.all_gather = real_all_gather
+    assert not gathers, f"validate=False took {len(gathers)} agreement round(s) on a known layout"
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    want = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"], p["rewards"],
+                                 p["rate"], p["mask"], impl=impl)
+    torch.testing.assert_close(second, want, **TOL)
+    return 1
 
 
 def check_bad_input(impl, group, rank, world) -> int:
