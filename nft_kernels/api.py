@@ -397,20 +397,30 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
         logp = logprobs
     lead = tuple(logp.shape)
     dev = logp.device
-    names = {"old_logprobs": old, "advantages": advantages, "token_weights": token_weights,
-             **_per_token_ref(ref_logprobs, spec.beta)}
-    flat = {name: None if t is None else val.flatten_tokens(name, t, lead, dev)
-            for name, t in names.items()}
-    counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
-    if mask is not None:
-        counted = val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
-    index, n_seq = _sequence_index(sequence_ids, lead, dev)
-    if validate:
+    # With a vocab-sharded weight the fused log-probs took collectives and the backward will
+    # take more: the checks of the head's inputs end in one agreement round, so that an error
+    # on one rank is raised on all of them (always: a shape error would otherwise strand the
+    # others in the backward's all-reduce).
+    group = None if logprobs is not None else vp.tensor_parallel_group(weight, process_group)
+    call = None if group is None else vp.GroupCall(group)
+    with vp.agreement(call):
+        names = {"old_logprobs": old, "advantages": advantages, "token_weights": token_weights,
+                 **_per_token_ref(ref_logprobs, spec.beta)}
+        flat = {name: None if t is None else val.flatten_tokens(name, t, lead, dev)
+                for name, t in names.items()}
+        counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
+        if mask is not None:
+            counted = val.flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
+        index, n_seq = _sequence_index(sequence_ids, lead, dev)
         checks = val.ValueChecks()
-        if logprobs is not None:
-            checks.no_nan("logprobs", logp.reshape(-1), counted)
-        checks.per_token_values(flat, (), counted)
-        checks.run()
+        if validate:
+            if logprobs is not None:
+                checks.no_nan("logprobs", logp.reshape(-1), counted)
+            checks.per_token_values(flat, (), counted)
+        if call is None:
+            checks.run()
+        else:
+            call.value_checks(checks, None)
     logp_flat = logp.reshape(-1).float()
     loss_t = sequence_ppo_loss(logp_flat, flat["old_logprobs"].float(),
                                flat["advantages"].float(), index, n_seq, counted, spec,

@@ -235,8 +235,8 @@ class VocabShard:
         or -1 where another rank holds the target, which matches no column; owned: bool)."""
         local = target.long() - self.start
         owned = (local >= 0) & (local < self.size)
-        return (local.clamp(0, self.size - 1), torch.where(owned, local, torch.full_like(local, -1)),
-                owned)
+        elsewhere = torch.full_like(local, -1)
+        return local.clamp(0, self.size - 1), torch.where(owned, local, elsewhere), owned
 
     def _all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         dist.all_reduce(tensor, op=op, group=self.call.group)

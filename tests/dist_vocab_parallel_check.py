@@ -264,12 +264,20 @@ def check_bad_input(impl, group, rank, world) -> int:
     expect_error_everywhere("mask", lambda: call(mask=other_mask), "mask")
     fewer = p["hidden"][:-1] if rank == 1 else p["hidden"]  # one token fewer on rank 1
     expect_error_everywhere("tokens", lambda: call(hidden=fewer), "rank 1")
+    # GSPO checks its head's inputs after the fused log-probs: still raised on every rank.
+    advantages = p["advantages"].clone()
+    if rank == world - 1:
+        advantages[0] = float("nan")
+    expect_error_everywhere("gspo advantages", lambda: fused_linear_ppo_loss(
+        p["hidden"], weight, p["target"], p["old"], advantages, None, impl=impl,
+        importance_sampling_level="sequence", sequence_ids=torch.arange(N, device=DEVICE) // 5,
+        process_group=group), "advantages", f"rank {world - 1}")
     # The group still works: a good call gives the unsharded loss.
     w_full = p["weight"]
     want = fused_linear_nft_loss(p["hidden"], w_full, p["target"], p["old"], p["rewards"],
                                  p["rate"], p["mask"], impl=impl)
     torch.testing.assert_close(call(), want, **TOL)
-    return 6
+    return 7
 
 
 if __name__ == "__main__":
