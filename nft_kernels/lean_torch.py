@@ -102,12 +102,13 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
         x = _scaled_logits(h32, weight, bias, v0, v1, scaling, rows)
         log_p = x - row_lse[:, None]
         p = torch.exp(log_p)
-        onehot = torch.zeros_like(p)
         here = (tgt >= v0) & (tgt < v1)
-        onehot[here, tgt[here] - v0] = 1.0
-        if filter_eps is not None and (onehot - p)[carries].abs().max() < filter_eps:
+        diff = torch.neg(p)  # onehot - p, formed in place (fewer [n, slice] temporaries)
+        diff[here, tgt[here] - v0] += 1.0
+        if filter_eps is not None and \
+                diff.abs().masked_fill_(~carries[:, None], 0.0).amax() < filter_eps:
             continue
-        dz = g[:, None] * (onehot - p)  # d logp / dz = (onehot - p) / T
+        dz = g[:, None] * diff  # d logp / dz = (onehot - p) / T
         if ge is not None:
             dz = dz - ge[:, None] * p * (log_p + row_ent[:, None])  # d entropy / dz
         dz = dz * scaling.inv(rows)
