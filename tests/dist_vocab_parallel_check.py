@@ -199,7 +199,32 @@ def check_dtensor(impl) -> int:
         torch.testing.assert_close(w_dt.grad.to_local(), w_full.grad[start:stop], **TOL)
         torch.testing.assert_close(b_dt.grad.to_local(), b_full.grad[start:stop], **TOL)
         n += 1
+    n += check_colwise_parallel(impl, mesh, p, start, stop)
     return n
+
+
+def check_colwise_parallel(impl, mesh, p, start, stop) -> int:
+    """What a torch tensor-parallel user has: an lm_head nn.Linear given ColwiseParallel by
+    parallelize_module; its weight (a Shard(0) DTensor parameter) goes to the loss as is."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    whole = torch.nn.Linear(H, V, bias=True, device=DEVICE)
+    with torch.no_grad():
+        whole.weight.copy_(p["weight"])
+        whole.bias.copy_(p["bias"])
+    sharded = torch.nn.Linear(H, V, bias=True, device=DEVICE)
+    sharded.load_state_dict(whole.state_dict())
+    parallelize_module(sharded, mesh, ColwiseParallel())
+    want = run_loss(p, whole.weight, whole.bias, head="ppo", reduction="mean", impl=impl,
+                    clip_high=0.28)
+    got = run_loss(p, sharded.weight, sharded.bias, head="ppo", reduction="mean", impl=impl,
+                   clip_high=0.28)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **TOL, msg=f"ColwiseParallel {key}")
+    torch.testing.assert_close(sharded.weight.grad.to_local(), whole.weight.grad[start:stop],
+                               **TOL)
+    torch.testing.assert_close(sharded.bias.grad.to_local(), whole.bias.grad[start:stop], **TOL)
+    return 1
 
 
 def check_validate_false(impl, group, rank, world) -> int:
