@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import assume
+from hypothesis import HealthCheck, assume, settings
 
 from nft_kernels.reference import reference_logprobs, reference_with_grads
 
@@ -16,6 +16,14 @@ from nft_kernels.reference import reference_logprobs, reference_with_grads
 GRAD_RTOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 # Loss and log-probs are accumulated in fp32 from exact products whatever the input dtype.
 LOSS_RTOL = 1e-4
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def property_settings(max_examples=20):
+    """Hypothesis settings of the kernel property tests: reproducible draws (derandomized, no
+    example database), no deadline (interpreted kernels are slow), fixtures allowed."""
+    return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def assert_close_scaled(actual, expected, rtol, what, atol=0.0):

@@ -7,15 +7,19 @@ row kernel's ENT_BONUS), the per-token path through the entropy's upstream gradi
 
 import pytest
 import torch
-from helpers import check_fused_against_reference, fused_head_loss, make_problem
-from hypothesis import HealthCheck, given, settings
+from helpers import (
+    DTYPES,
+    check_fused_against_reference,
+    fused_head_loss,
+    make_problem,
+    property_settings,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nft_kernels import chunked, fused_linear_nft_loss
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = property_settings()
 
 
 @PROPERTY

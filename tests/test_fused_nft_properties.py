@@ -11,14 +11,16 @@ import math
 import pytest
 import torch
 from helpers import (
+    DTYPES,
     GRAD_RTOL,
     LOSS_RTOL,
     assert_close_scaled,
     check_against_reference,
     entropy_gradient_floors,
     make_problem,
+    property_settings,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss, fused_linear_ppo_loss
@@ -29,12 +31,10 @@ from nft_kernels.reference import (
     reference_with_grads,
 )
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # derandomize: CI draws the same examples every run, so a red run is reproducible (a fresh
 # random draw once found an fp32 entropy-gradient case at logit_scale 30 just past 1e-4; see
 # CHANGELOG "Known issues").
-PROPERTY = settings(max_examples=25, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = property_settings(25)
 
 
 def _grads(p):

@@ -10,8 +10,15 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import GRAD_RTOL, assert_close_scaled, check_fused_against_reference, make_problem
-from hypothesis import HealthCheck, given, settings
+from helpers import (
+    DTYPES,
+    GRAD_RTOL,
+    assert_close_scaled,
+    check_fused_against_reference,
+    make_problem,
+    property_settings,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nft_kernels import fused_linear_ppo_loss, ppo_clip_loss
@@ -21,9 +28,7 @@ from nft_kernels.reference import (
     reference_ppo_loss,
 )
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = property_settings()
 
 
 def _sequence_ids(n, n_seq, gen):

@@ -11,13 +11,15 @@ import importlib.util
 import pytest
 import torch
 from helpers import (
+    DTYPES,
     GRAD_RTOL,
     assert_close_scaled,
     check_fused_against_reference,
     fused_head_loss,
     make_problem,
+    property_settings,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nft_kernels import (
@@ -34,9 +36,7 @@ from nft_kernels.reference import (
 )
 
 ESTIMATORS = ["k1", "k2", "k3", "k3_unclipped", "low_var_kl"]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = property_settings()
 
 
 def _ref_logprobs(p, gap, seed):

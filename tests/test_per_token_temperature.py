@@ -7,16 +7,21 @@ temperature is invalid (never read); a constant tensor equals the float.
 
 import pytest
 import torch
-from helpers import LOSS_RTOL, check_fused_against_reference, fused_head_loss, make_problem
-from hypothesis import HealthCheck, given, settings
+from helpers import (
+    DTYPES,
+    LOSS_RTOL,
+    check_fused_against_reference,
+    fused_head_loss,
+    make_problem,
+    property_settings,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss
 from nft_kernels.reference import reference_logprobs
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = property_settings()
 
 
 def _temperatures(n, kind, mask, gen):

@@ -8,13 +8,15 @@ with the cap (Cut Cross-Entropy once shipped a soft-cap that was silently not ap
 import pytest
 import torch
 from helpers import (
+    DTYPES,
     LOSS_RTOL,
     assert_close_scaled,
     check_fused_against_reference,
     fused_head_loss,
     make_problem,
+    property_settings,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss
@@ -23,9 +25,7 @@ from nft_kernels.reference import (
     reference_with_grads,
 )
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PROPERTY = settings(max_examples=20, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+PROPERTY = property_settings()
 
 
 @PROPERTY
