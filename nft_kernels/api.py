@@ -184,8 +184,7 @@ def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_to
     if call is not None:  # round 1: every rank's shard; every local check above has passed
         shard = call.shard(vocab=vocab, hidden_size=width, tokens=h.shape[0], dtype=h.dtype,
                            bias=bias is not None, vocab_start=vocab_start, want=want,
-                           validate=bool(validate), mode=mode if mode in ("auto", "chunked",
-                                                                          "lean") else "auto",
+                           validate=bool(validate), mode=mode,
                            workspace_bytes=workspace_bytes)
         vocab = shard.total
     eng = engine(impl, mode, dev, vocab if shard is None else shard.max_size,

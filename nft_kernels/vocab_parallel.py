@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .backend import MODES
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch without DTensor
@@ -56,7 +58,7 @@ _SHARED = {
     "mode": "mode differs across ranks",
     "workspace_bytes": "workspace_bytes differs across ranks",
 }
-_FIELDS = max(len(_META), 2)
+_FIELDS = len(_META)  # numbers per rank in a round (round 1 sends them all, round 2 one)
 # validate=False: the shard layout found by a call's round 1, reused by later calls with the
 # same (group, this rank's shard) so that they take no agreement round (no host
 # synchronisation). Key: (id(group), world, rank, V_r, vocab_start) -> (start, total, largest).
@@ -154,7 +156,7 @@ class GroupCall:
                     dtype=_DTYPE_CODES[dtype], bias=bias,
                     vocab_start=-1 if vocab_start is None else vocab_start,
                     grad_hidden=want[0], grad_weight=want[1], grad_bias=want[2],
-                    validate=validate, mode=("auto", "chunked", "lean").index(mode),
+                    validate=validate, mode=MODES.index(mode) if mode in MODES else -1,
                     workspace_bytes=-1 if workspace_bytes is None else workspace_bytes)
         rows = self.round([mine[k] for k in _META])
         table = {k: [r[i] for r in rows] for i, k in enumerate(_META)}
