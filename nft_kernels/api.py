@@ -51,6 +51,15 @@ def _head_inputs(flat):
             flat.get("token_weights"), flat.get("ref_logprobs"))
 
 
+# The per-token inputs each head reads (the others are optional).
+_REQUIRED = {"none": (), "nft": ("old_logprobs", "rewards", "correct_rate"),
+             "ppo": ("old_logprobs", "advantages")}
+
+
+def _check_required(spec: HeadSpec, per_token: dict) -> None:
+    val.check_required({name: per_token.get(name) for name in _REQUIRED[spec.kind]})
+
+
 def _kl_options(ref_logprobs, beta, kl_estimator, kl_bias_correction=False) -> dict:
     """HeadSpec fields of the KL-to-reference term, checked: beta >= 0; with beta > 0 the
     reference log-probs are required (with beta = 0 they are not read)."""
@@ -148,6 +157,7 @@ def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_to
     being dropped before them; only the lean PyTorch path, a CPU fallback, compacts them on
     the host)."""
     if call is not None:  # DTensors -> this rank's tensors (gradients flow back to them)
+        head = vp.head_identity(weight)
         hidden = vp.local_part("hidden", hidden, shard_dim0=False)
         weight = vp.local_part("weight", weight, shard_dim0=True)
         bias = vp.local_part("bias", bias, shard_dim0=True)
@@ -156,8 +166,11 @@ def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_to
                 raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
             if vocab_start < 0:
                 raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    _check_required(spec, per_token)
     val.check_linear_inputs(hidden, weight, bias)
     hidden, weight, bias = _autocast(hidden, weight, bias)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index the bias with unit stride
     compute_entropy = compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
     per_token_t = isinstance(temperature, torch.Tensor)
     if not per_token_t:
@@ -182,7 +195,7 @@ def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_to
 
     vocab, shard = weight.shape[0], None
     if call is not None:  # round 1: every rank's shard; every local check above has passed
-        shard = call.shard(vocab=vocab, hidden_size=width, tokens=h.shape[0], dtype=h.dtype,
+        shard = call.shard(head=head, vocab=vocab, hidden_size=width, tokens=h.shape[0], dtype=h.dtype,
                            bias=bias is not None, vocab_start=vocab_start, want=want,
                            validate=bool(validate), mode=mode,
                            workspace_bytes=workspace_bytes)
@@ -206,9 +219,13 @@ def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_to
     count_slot = None
     if mask_flat is not None and (validate or not eng.takes_device_mask):
         count_slot = checks.value(mask_flat.sum())
-    # Sharded: round 2 raises a failed check on every rank (and wants the same count).
-    host = checks.run() if call is None or not validate else call.value_checks(checks,
-                                                                                count_slot)
+    # Sharded: round 2 raises a failed check on every rank (and wants the same count, the
+    # same targets and the same mask on every rank).
+    if call is None or not validate:
+        host = checks.run()
+    else:
+        host = call.value_checks(checks, count_slot,
+                                 vp.agreement_checksums(checks, target, mask_flat))
     rows, device_mask, n_counted = None, None, h.shape[0]
     if mask_flat is not None:
         if count_slot is not None:
@@ -405,6 +422,7 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
     with vp.agreement(call):
         names = {"old_logprobs": old, "advantages": advantages, "token_weights": token_weights,
                  **_per_token_ref(ref_logprobs, spec.beta)}
+        _check_required(spec, names)
         flat = {name: None if t is None else val.flatten_tokens(name, t, lead, dev)
                 for name, t in names.items()}
         counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
@@ -420,16 +438,20 @@ def _sequence_ppo(hidden, weight, target, old, advantages, mask, sequence_ids, s
             checks.run()
         else:
             call.value_checks(checks, None)
-    logp_flat = logp.reshape(-1).float()
-    loss_t = sequence_ppo_loss(logp_flat, flat["old_logprobs"].float(),
-                               flat["advantages"].float(), index, n_seq, counted, spec,
-                               ref=None if flat["ref_logprobs"] is None
-                               else flat["ref_logprobs"].float())
+    # As on the token-level path: padded tokens are never read (whatever they hold: NaN
+    # included, which autograd would otherwise carry into a response's mean through 0 * NaN),
+    # and the per-token inputs are constants (no gradient flows to them).
+    keep = lambda t: None if t is None else torch.where(  # noqa: E731
+        counted, t.detach().float(), torch.zeros((), dtype=torch.float32, device=dev))
+    flat = {name: keep(t) for name, t in flat.items()}
+    logp_flat = torch.where(counted, logp.reshape(-1).float(), 0.0)
+    loss_t = sequence_ppo_loss(logp_flat, flat["old_logprobs"], flat["advantages"], index,
+                               n_seq, counted, spec, ref=flat["ref_logprobs"])
     if entropy is not None and spec.entropy_coef != 0.0:
         loss_t = loss_t - spec.entropy_coef * torch.where(counted, entropy.reshape(-1),
                                                           torch.zeros_like(loss_t))
     if flat["token_weights"] is not None:
-        loss_t = loss_t * flat["token_weights"].float()
+        loss_t = loss_t * flat["token_weights"]
     n_counted = counted.sum() if mask is not None else logp.numel()
     loss = _reduce(loss_t, n_counted, reduction, lead)
     if return_stats:
@@ -464,6 +486,7 @@ def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
 
 
 def _on_logprobs(logprobs, spec, per_token, mask, reduction, impl, validate, unit_names):
+    _check_required(spec, per_token)
     val.check_reduction(reduction)
     val.check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
     lead = tuple(logprobs.shape)

@@ -304,6 +304,8 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
             else:
                 dh.index_copy_(0, rows_c, _mm_fp32(dz, w_g).to(dh.dtype))
         if want_dw:
+            if mask is not None:  # padded rows left in place: dz is 0 there, h may be NaN
+                h_c = h_c.masked_fill(~mask.index_select(0, rows_c)[:, None], 0.0)
             _add_weight_grad(dw, dz, h_c)
     return out, dh, dw, db
 

@@ -214,7 +214,9 @@ def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted
     (the dual clip as per token), so a token-level aggregation weighs each response by its
     counted tokens, as TRL's and Liger's ``importance_sampling_level="sequence"`` do.
     ``sequence_index``: [N] int64 in [0, n_sequences); ``counted``: [N] bool. The KL term
-    (``spec.beta``, ``ref``) stays per token.
+    (``spec.beta``, ``ref``) stays per token; with ``kl_bias_correction`` it is multiplied by
+    the response's ratio s (TRL broadcasts the sequence-level weight onto the per-token KL;
+    Liger multiplies by exp of the sequence's log importance weight).
     """
     diff = torch.where(counted, logp - old, torch.zeros_like(logp))
     total = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device)
@@ -228,7 +230,7 @@ def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted
                                 advantage, spec)
     if spec.kl_code:
         kl, _ = kl_and_grad(logp, ref, spec.kl_code)  # torch ops: autograd differentiates
-        if spec.kl_bias_correction:
-            kl = kl * torch.exp((logp - old).clamp(max=spec.max_log_ratio))
+        if spec.kl_bias_correction:  # the response's ratio, as TRL and Liger at sequence level
+            kl = kl * torch.exp(response_log_ratio.clamp(max=spec.max_log_ratio))
         loss = loss + spec.beta * kl
     return torch.where(counted, loss, torch.zeros_like(loss))

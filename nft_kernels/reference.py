@@ -55,12 +55,14 @@ def reference_kl(logp, ref_logprobs, estimator="k3"):
     return torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
 
 
-def _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, bias_correction, old, max_log_ratio):
+def _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, bias_correction, ratio):
+    """``ratio``: the importance ratio the policy term uses (the token's, or with GSPO its
+    response's), which TRL's use_bias_correction_kl multiplies the estimate by."""
     if beta == 0:
         return loss_t
     kl = reference_kl(logp, ref_logprobs, kl_estimator)
-    if bias_correction:  # TRL's use_bias_correction_kl: times the token's ratio, as TRL writes it
-        kl = kl * torch.exp(torch.clamp(logp.double() - old.double(), max=max_log_ratio))
+    if bias_correction:
+        kl = kl * ratio
     return loss_t + beta * kl
 
 
@@ -79,8 +81,7 @@ def reference_nft_from_logprobs(logp, old_logprobs, rewards, correct_rate, mask=
     weight = {0: torch.ones_like(r_hat), 1: 1 - r_hat,
               2: torch.sqrt((1 - r_hat) / r_hat)}[normalize]
     loss_t = weight * (r * -log_ratio + neg_weight * (1 - r) * -torch.log(q_st))
-    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, kl_bias_correction,
-                      old_logprobs, max_log_ratio)
+    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, kl_bias_correction, ratio)
     return _reduce(loss_t, mask, reduction)
 
 
@@ -105,8 +106,7 @@ def reference_ppo_from_logprobs(logp, old_logprobs, advantages, mask=None, *, cl
     loss_t = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high))
     if clip_ratio_c is not None:
         loss_t = torch.where(adv < 0, torch.minimum(loss_t, -adv * clip_ratio_c), loss_t)
-    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, kl_bias_correction,
-                      old_logprobs, max_log_ratio)
+    loss_t = _with_kl(loss_t, logp, ref_logprobs, beta, kl_estimator, kl_bias_correction, ratio)
     return _reduce(loss_t, mask, reduction)
 
 

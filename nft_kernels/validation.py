@@ -20,6 +20,14 @@ def _require_tensor(name, value):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
 
 
+def check_required(tensors: dict) -> None:
+    """Per-token inputs a head cannot do without: None is refused with the argument's name
+    (never a placeholder buffer read as data)."""
+    for name, value in tensors.items():
+        if value is None:
+            raise TypeError(f"{name} is required (a tensor with one value per token), got None")
+
+
 def check_float_tensor(name, value, device, shape=None):
     _require_tensor(name, value)
     if not value.is_floating_point():
@@ -147,19 +155,30 @@ class ValueChecks:
 
     def per_token_values(self, tensors, unit_names, where):
         """Per-token inputs on counted tokens: rewards / rates in [0, 1], old log-probs not
-        NaN (-inf is a valid log-prob), token weights finite and >= 0, anything else
-        (advantages) finite."""
+        NaN or +inf (-inf is a valid log-prob), token weights finite and >= 0, anything else
+        (advantages, reference log-probs) finite."""
         for name, value in tensors.items():
             if value is None:
                 continue
             if name in unit_names:
                 self.unit_interval(name, value, where)
             elif name == "old_logprobs":
-                self.no_nan(name, value, where)
+                self.log_probability(name, value, where)
             elif name == "token_weights":
                 self.nonnegative(name, value, where)
             else:
                 self.finite(name, value, where)
+
+    def log_probability(self, name, value, where=None):
+        """A log-probability: <= 0 up to rounding and never NaN; -inf (probability 0) is
+        valid, +inf is not (it would make R = 0 and the NFT loss NaN)."""
+        bad = _masked(torch.isnan(value) | (value == float("inf")), where)
+
+        def explain():
+            first = value[bad][0].item()
+            return (f"{name} must be log-probabilities (not NaN or +inf) on counted tokens; "
+                    f"found {first!r} ({int(bad.sum())} values)")
+        self.add(bad.any(), explain)
 
     def positive(self, name, value, where=None):
         bad = _masked(~(torch.isfinite(value) & (value > 0)), where)
@@ -219,3 +238,6 @@ def check_linear_inputs(hidden, weight, bias):
         raise ValueError("weight must have at least one row (V >= 1)")
     if bias is not None:
         check_float_tensor("bias", bias, hidden.device, shape=(weight.shape[0],))
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} does not match weight dtype "
+                            f"{weight.dtype} (cast it as nn.Linear would need)")

@@ -29,6 +29,7 @@ argument and the rank.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -59,10 +60,64 @@ _SHARED = {
     "workspace_bytes": "workspace_bytes differs across ranks",
 }
 _FIELDS = len(_META)  # numbers per rank in a round (round 1 sends them all, round 2 one)
-# validate=False: the shard layout found by a call's round 1, reused by later calls with the
-# same (group, this rank's shard) so that they take no agreement round (no host
-# synchronisation). Key: (id(group), world, rank, V_r, vocab_start) -> (start, total, largest).
-_LAYOUTS: dict[tuple, tuple[int, int, int]] = {}
+# validate=False: the shard layout found by a call's round 1, reused by later calls on the
+# same head so that they take no agreement round (no host synchronisation). Whether a call
+# takes round 1 must be decided alike on every rank, or the collectives mismatch and the call
+# hangs; a rank's own shard size cannot decide it (two heads of 301 and 302 rows over 3 ranks
+# share the shard sizes of ranks 0 and 1). So the key is what every rank agrees on: for a
+# DTensor weight its global vocabulary size, for plain shards the weight tensor itself (every
+# rank passes the same head again, or a new one: a new tensor object takes round 1 anew).
+# Key -> (weak reference to the plain shard or None, (start, total, largest)).
+_LAYOUTS: dict[tuple, tuple] = {}
+# The checksums of round 2 (mask, targets) are taken modulo this prime, in int64.
+_CHECKSUM_PRIME = 2_147_483_647
+
+
+def head_identity(weight):
+    """What names the head a call's weight belongs to, alike on every rank (see _LAYOUTS):
+    a DTensor's global vocabulary size, or the plain shard tensor itself."""
+    return ("dtensor", int(weight.shape[0])) if is_dtensor(weight) else ("tensor", weight)
+
+
+def _layout_key(call, head, vocab, vocab_start):
+    kind, what = head
+    ident = what if kind == "dtensor" else id(what)
+    return (id(call.group), call.world, call.rank, kind, ident, vocab, vocab_start)
+
+
+def _cached_layout(key, head):
+    entry = _LAYOUTS.get(key)
+    if entry is None:
+        return None
+    ref, layout = entry
+    if ref is not None and ref() is not head[1]:  # the id of a tensor since freed
+        del _LAYOUTS[key]
+        return None
+    return layout
+
+
+def _remember_layout(key, head, layout):
+    for stale in [k for k, (ref, _) in _LAYOUTS.items() if ref is not None and ref() is None]:
+        del _LAYOUTS[stale]
+    _LAYOUTS[key] = (weakref.ref(head[1]) if head[0] == "tensor" else None, layout)
+
+
+def agreement_checksums(checks, target, mask):
+    """Round 2's cheap fingerprints of the targets and the mask ([N] each, mask may be None),
+    added to ``checks`` as values: every rank must take the same tokens, and the number of
+    counted tokens alone does not show two masks that count different tokens. Position
+    weighted sums modulo a prime, in int64 (exact, no overflow for N < 2^31)."""
+    n = target.numel()
+    position = torch.arange(1, n + 1, dtype=torch.int64, device=target.device)
+    weight = (position * 40503) % _CHECKSUM_PRIME + 1
+    counted = (torch.ones_like(position, dtype=torch.bool) if mask is None else mask)
+    ids = torch.where(counted, target.long() + 1, torch.zeros_like(position))
+    target_sum = ((ids * weight) % _CHECKSUM_PRIME).sum() % _CHECKSUM_PRIME
+    slots = {"target": checks.value(target_sum)}
+    if mask is not None:
+        mask_sum = (torch.where(mask, weight, torch.zeros_like(weight))).sum() % _CHECKSUM_PRIME
+        slots["mask"] = checks.value(mask_sum)
+    return slots
 
 
 def is_dtensor(value) -> bool:
@@ -142,15 +197,17 @@ class GroupCall:
             raise error(f"{text} [{where} of the tensor-parallel group]") from failure
         return [r[1:] for r in rows]
 
-    def shard(self, *, vocab, hidden_size, tokens, dtype, bias, vocab_start, want, validate,
-              mode, workspace_bytes) -> VocabShard:
+    def shard(self, *, head, vocab, hidden_size, tokens, dtype, bias, vocab_start, want,
+              validate, mode, workspace_bytes) -> VocabShard:
         """Round 1: every rank's shard size and settings. Returns this rank's ``VocabShard``;
-        raises on every rank when the shards do not fit together. With ``validate=False`` a
-        layout seen before is reused without the round (no collective, no synchronisation)."""
-        layout_key = (id(self.group), self.world, self.rank, vocab, vocab_start)
-        if not validate and layout_key in _LAYOUTS:
+        raises on every rank when the shards do not fit together. With ``validate=False`` the
+        layout of a head seen before (``head``: ``head_identity(weight)``) is reused without
+        the round (no collective, no synchronisation)."""
+        layout_key = _layout_key(self, head, vocab, vocab_start)
+        cached = None if validate else _cached_layout(layout_key, head)
+        if cached is not None:
             self.finished = True
-            start, total, largest = _LAYOUTS[layout_key]
+            start, total, largest = cached
             return VocabShard(self, start=start, size=vocab, total=total, max_size=largest)
         mine = dict(vocab=vocab, hidden_size=hidden_size, tokens=tokens,
                     dtype=_DTYPE_CODES[dtype], bias=bias,
@@ -182,23 +239,31 @@ class GroupCall:
                                  f"0..{self.world - 1} (leave vocab_start=None to place the "
                                  f"shards in rank order)")
         self.finished = not validate
-        _LAYOUTS[layout_key] = (starts[self.rank], total, max(sizes))
+        _remember_layout(layout_key, head, (starts[self.rank], total, max(sizes)))
         return VocabShard(self, start=starts[self.rank], size=sizes[self.rank], total=total,
                           max_size=max(sizes))
 
-    def value_checks(self, checks, count_slot) -> list[float]:
-        """Round 2: the value checks of every rank (one all_gather), and the number of counted
-        tokens, which must agree across ranks (the chunked mode takes one pair of all-reduces
-        per chunk of counted rows)."""
+    def value_checks(self, checks, count_slot, checksum_slots=None) -> list[float]:
+        """Round 2: the value checks of every rank (one all_gather), the number of counted
+        tokens (the chunked mode takes one pair of all-reduces per chunk of counted rows) and
+        the fingerprints of the targets and the mask (``agreement_checksums``), which must
+        agree across ranks."""
         failure, host = checks.collect()
-        count = -1 if count_slot is None else int(host[count_slot])
-        rows = self.round([count], failure=None if failure is None else ValueError(failure))
+        slots = {"count": count_slot, **(checksum_slots or {})}
+        names = list(slots)
+        numbers = [-1 if slots[k] is None else int(host[slots[k]]) for k in names]
+        rows = self.round(numbers, failure=None if failure is None else ValueError(failure))
         self.finished = True
-        counts = [r[0] for r in rows]
-        if len(set(counts)) > 1:
-            raise ValueError(f"mask: the number of counted tokens differs across ranks "
-                             f"({counts}); every rank of the tensor-parallel group takes the "
-                             f"same mask")
+        what = {"count": "mask: the number of counted tokens differs across ranks",
+                "mask": "mask: the masks differ across ranks (same count, other tokens)",
+                "target": "target: the target ids differ across ranks"}
+        for i, key in enumerate(names):
+            seen = [r[i] for r in rows]
+            if len(set(seen)) > 1:
+                shown = f" ({seen})" if key == "count" else ""
+                raise ValueError(f"{what[key]}{shown}; every rank of the tensor-parallel group "
+                                 f"takes the same hidden states, targets, mask and per-token "
+                                 f"inputs")
         return host
 
 

@@ -23,10 +23,19 @@ def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def tanh(u):
-    """tanh from exp (no tl.tanh on every Triton version): sign(u) (1 - e^-2|u|) / (1 + e^-2|u|),
-    which never overflows."""
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
+    """tanh accurate to fp32 for every u (no tl.tanh on every Triton version).
+
+    |u| >= 1/4: sign(u) (1 - e^-2|u|) / (1 + e^-2|u|), which never overflows. Below that,
+    1 - e^-2|u| cancels (relative error ~eps / |u|: 5e-4 in logp at a soft cap of 1e4, 0.04
+    at 1e6, where z / c is tiny), so the odd Taylor series to u^9 is used instead; its first
+    dropped term, 1382 u^11 / 155925, is < 1e-8 relative there."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    near = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0
+                                                                   + a2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, near, far)
     return tl.where(u < 0.0, -t, t)
 
 
@@ -116,7 +125,8 @@ def load_row_state(rows_ptr, target_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent
                    n_rows, HAS_ENT_GRAD: tl.constexpr):
     """Per-row inputs of the backward tiles: row ids, target, lse, entropy and the two grads.
 
-    Rows past n_rows get g = 0, so their dz is exactly zero and they add nothing.
+    Rows past n_rows get g = 0, so their dz is exactly zero and they add nothing; the
+    returned row mask is False for every row that carries no gradient.
     """
     row_ok = offs_n < n_rows
     rows = tl.load(rows_ptr + offs_n, mask=row_ok, other=0)
@@ -129,8 +139,11 @@ def load_row_state(rows_ptr, target_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent
     else:
         g_ent = tl.zeros_like(g_logp)
         entropy = tl.zeros_like(g_logp)
-    active = tl.max(tl.abs(g_logp) + tl.abs(g_ent), axis=0) > 0.0
-    return rows, row_ok, target, lse, g_logp, g_ent, entropy, active
+    carries = (tl.abs(g_logp) + tl.abs(g_ent)) > 0.0
+    active = tl.max(carries.to(tl.int32), axis=0) > 0
+    # Rows without gradient (padding left in place with validate=False) are never read
+    # again: their dz is 0 and 0 * NaN would still poison dW through a NaN hidden state.
+    return rows, row_ok & carries, target, lse, g_logp, g_ent, entropy, active
 
 
 @triton.jit
