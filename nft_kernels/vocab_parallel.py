@@ -113,10 +113,11 @@ def agreement_checksums(checks, target, mask):
     counted = (torch.ones_like(position, dtype=torch.bool) if mask is None else mask)
     ids = torch.where(counted, target.long() + 1, torch.zeros_like(position))
     target_sum = ((ids * weight) % _CHECKSUM_PRIME).sum() % _CHECKSUM_PRIME
-    slots = {"target": checks.value(target_sum)}
+    slots = {}  # the mask first: targets are compared on counted tokens
     if mask is not None:
-        mask_sum = (torch.where(mask, weight, torch.zeros_like(weight))).sum() % _CHECKSUM_PRIME
+        mask_sum = torch.where(mask, weight, torch.zeros_like(weight)).sum() % _CHECKSUM_PRIME
         slots["mask"] = checks.value(mask_sum)
+    slots["target"] = checks.value(target_sum)
     return slots
 
 

@@ -168,6 +168,7 @@ def main(impl: str, device: str = "cpu") -> None:
     cases += check_validate_false(impl, group, rank, world)
     if world > 1:
         cases += check_bad_input(impl, group, rank, world)
+        cases += check_second_head_validate_false(impl, rank, world)
     sys.stdout.flush()  # then one write: the ranks share the pipe, lines must not interleave
     os.write(1, f"VOCAB-PARALLEL OK rank {rank} cases {cases}\n".encode())
     dist.barrier()
@@ -287,6 +288,19 @@ def check_bad_input(impl, group, rank, world) -> int:
     other_mask = p["mask"].clone()
     other_mask[0] = not bool(other_mask[0]) if rank == 1 else other_mask[0]
     expect_error_everywhere("mask", lambda: call(mask=other_mask), "mask")
+    # The same number of counted tokens, but not the same tokens: caught by round 2's
+    # fingerprint of the mask (each rank would combine statistics of different tokens).
+    swapped = p["mask"].clone()
+    if rank == 1:
+        on, off = int(swapped.nonzero()[0]), int((~swapped).nonzero()[0])
+        swapped[on], swapped[off] = False, True
+    expect_error_everywhere("mask, same count", lambda: call(mask=swapped), "masks differ")
+    other_target = p["target"].clone()
+    counted = int(p["mask"].nonzero()[0])
+    if rank == 0:
+        other_target[counted] = (other_target[counted] + 1) % V
+    expect_error_everywhere("targets", lambda: call(target=other_target),
+                            "target ids differ")
     fewer = p["hidden"][:-1] if rank == 1 else p["hidden"]  # one token fewer on rank 1
     expect_error_everywhere("tokens", lambda: call(hidden=fewer), "rank 1")
     # GSPO checks its head's inputs after the fused log-probs: still raised on every rank.
@@ -302,7 +316,49 @@ def check_bad_input(impl, group, rank, world) -> int:
     want = fused_linear_nft_loss(p["hidden"], w_full, p["target"], p["old"], p["rewards"],
                                  p["rate"], p["mask"], impl=impl)
     torch.testing.assert_close(call(), want, **TOL)
-    return 7
+    return 9
+
+
+def check_second_head_validate_false(impl, rank, world) -> int:
+    """validate=False on two heads whose shards have the same size on some ranks and not on
+    others (V and V + 1 split as torch.chunk: 19/18 then 19/19 over 2 ranks, 13/13/11 then
+    13/13/12 over 3): every rank must decide alike whether to take the agreement round, or
+    the collectives mismatch and the call hangs. A group with a short timeout turns such a
+    hang into a failure (plain shards; a DTensor weight's layout is keyed by its global size)."""
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    group = dist.new_group(timeout=timedelta(seconds=60))
+    mesh = init_device_mesh(DEVICE.type, (world,))
+    n = 0
+    for vocab in (V, V + 1):
+        p = problem(600 + vocab)
+        if vocab != V:
+            extra = torch.Generator().manual_seed(vocab)
+            row = (torch.randn(1, H, generator=extra) * 0.5).to(DEVICE)
+            p["weight"] = torch.cat([p["weight"], row])
+        size = -(-vocab // world)
+        start, stop = min(rank * size, vocab), min((rank + 1) * size, vocab)
+        want = fused_linear_nft_loss(p["hidden"], p["weight"], p["target"], p["old"],
+                                     p["rewards"], p["rate"], p["mask"], impl=impl)
+        shard = p["weight"][start:stop].clone()
+        for _ in range(2):  # the second call of a head reuses its layout
+            got = fused_linear_nft_loss(p["hidden"], shard, p["target"], p["old"],
+                                        p["rewards"], p["rate"], p["mask"], impl=impl,
+                                        process_group=group, validate=False)
+            torch.testing.assert_close(got, want, **TOL, msg=f"plain V={vocab}")
+            n += 1
+        w_dt = distribute_tensor(p["weight"], mesh, [Shard(0)])
+        for _ in range(2):
+            got = fused_linear_nft_loss(p["hidden"], w_dt, p["target"], p["old"],
+                                        p["rewards"], p["rate"], p["mask"], impl=impl,
+                                        validate=False)
+            torch.testing.assert_close(got, want, **TOL, msg=f"dtensor V={vocab}")
+            n += 1
+    assert n == 8
+    return 1
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def test_sharded_head_equals_the_whole_head(nproc, impl):
     done = dict(re.findall(r"VOCAB-PARALLEL OK rank (\d+) cases (\d+)", proc.stdout))
     assert sorted(done) == [str(r) for r in range(nproc)], output[-3000:]
     # Every rank ran every case: the per-mode loss cases, log-probs, GSPO, DTensor, bad input.
-    expected = 2 * 13 + 1 + 3 + 1 + (7 if nproc > 1 else 0)
+    expected = 2 * 13 + 1 + 3 + 1 + (9 + 1 if nproc > 1 else 0)
     assert set(done.values()) == {str(expected)}, done
 
 
