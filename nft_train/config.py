@@ -116,6 +116,7 @@ class CheckpointConfig:
     every: int = 0                # save every this many steps (0: only at the end)
     keep_last: int = 2
     resume: bool = True           # continue from the newest checkpoint in the output folder
+    overwrite: bool = False       # a folder holding another run: delete that run and start anew
 
 
 @dataclass

@@ -92,7 +92,8 @@ def _read_rows(path: Path, fmt: str, report: LoadReport):
         except Exception as err:  # noqa: BLE001 - any reader failure is a bad file
             raise DataError(f"cannot read parquet file {str(path)!r}: {err}") from None
         return
-    with path.open(encoding="utf-8", errors="replace") as f:
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first row.
+    with path.open(encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             if not line.strip():
                 continue

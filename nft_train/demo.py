@@ -53,6 +53,7 @@ def demo_config(out_dir: str, backend: str = "hf", steps: int = 300, seed: int =
     cfg.eval.every = 25
     cfg.eval.before_train = False   # run_demo evaluates the warm start itself
     cfg.checkpoint.resume = False
+    cfg.checkpoint.overwrite = True   # a fixed recipe: running it again replaces the last run
     cfg.log.sample_dump_every = 10
     return validate(cfg)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,15 @@ class PhaseTimer:
         out = {f"time/{k}": round(v, 4) for k, v in self.seconds.items()}
         self.seconds = {}
         return out
+
+
+def _row_step(line: str) -> float:
+    """A metrics row's step; a torn last line (the process killed mid-write) counts as
+    later than any step, so that it is dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def _clean(value):
@@ -72,6 +82,19 @@ class RunLogger:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(numeric, step=step)
+
+    def drop_after(self, step: int) -> None:
+        """Keep only the rows of steps <= ``step`` (a resumed run logs the later ones again,
+        so an interrupted step is not in the file twice); rewritten atomically."""
+        if not self.enabled or not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and _row_step(line) <= step]
+        if len(kept) == len([line for line in lines if line.strip()]):
+            return
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.metrics_path)
 
     def dump_samples(self, step: int, rows: list[dict]) -> None:
         if not self.enabled or not rows:

@@ -31,7 +31,7 @@ from .actor import (
     set_gradient_sync,
     shard,
 )
-from .config import Config, save_resolved
+from .config import Config, save_resolved, to_dict
 from .data import (
     EncodedProblem,
     PromptStream,
@@ -124,9 +124,12 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
-        if self.info.main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            save_resolved(cfg, self.out_dir / "config.yaml")
+        # Before anything is loaded or written: is the folder this run's to use?
+        self.resume_from = ckpt.prepare_run_dir(to_dict(cfg), self.out_dir,
+                                                cfg.checkpoint.resume,
+                                                cfg.checkpoint.overwrite, self.info.main)
+        if self.info.world > 1 and cfg.checkpoint.overwrite:
+            dist.barrier()  # the main rank has deleted the old run
         if model is None:
             model, tokenizer = load_model_and_tokenizer(cfg.model, self.info.device)
             model_dir = cfg.model.path
@@ -198,16 +201,19 @@ class Trainer:
             self.eval_sets = {k: v[:self.cfg.eval.max_problems] for k, v in self.eval_sets.items()}
 
     def _maybe_resume(self) -> None:
-        found = ckpt.list_checkpoints(self.out_dir) if self.cfg.checkpoint.resume else []
-        if not found:
+        if self.resume_from is None:
             return
-        payload = ckpt.load_checkpoint(found[-1][1], self.policy, self.optimizer, self.scheduler,
-                                       self.info.world)
+        path, payload = self.resume_from
+        ckpt.load_checkpoint(path, self.policy, self.optimizer, self.scheduler,
+                             self.info.world, payload=payload)
         self.step = payload["step"]
         self.bad_steps = payload.get("bad_steps", 0)
         self.stream.load_state_dict(payload["data"])
+        self.resume_from = None  # the payload's tensors are in the model now
         if self.info.main:
-            print(f"resumed from {found[-1][1]} (step {self.step})")
+            # Steps logged after this checkpoint were lost with the process: train them again.
+            self.logger.drop_after(self.step)
+            print(f"resumed from {path} (step {self.step})")
 
     def _push_weights(self) -> None:
         with self.timer("sync"):
@@ -398,7 +404,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         self.saved_step = self.step
-        extra = {"data": self.stream.state_dict(), "bad_steps": self.bad_steps}
+        extra = {"data": self.stream.state_dict(), "bad_steps": self.bad_steps,
+                 "config": to_dict(self.cfg)}  # a resume checks it trains the same run
         try:
             return ckpt.save_checkpoint(self.out_dir, self.step, self.policy, self.optimizer,
                                         self.scheduler, extra, self.info.world, self.info.rank,
@@ -419,6 +426,8 @@ class Trainer:
     def run(self) -> dict:
         cfg = self.cfg
         if self.info.main:
+            # Written when the run starts, not before: a start that fails replaces nothing.
+            save_resolved(cfg, self.out_dir / "config.yaml")
             for line in self.load_reports:
                 print(line)
         final: dict = {}
