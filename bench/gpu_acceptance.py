@@ -1,25 +1,26 @@
-"""One-call GPU acceptance run: compiled kernels tested, benched and profiled on one GPU.
+"""One-call GPU acceptance run: the headline first, every step's files written as it ends.
 
-    python bench/gpu_acceptance.py --out DIR      # < 9 minutes on one H100
+    python bench/gpu_acceptance.py --out DIR               # one H200: <= 6 minutes in all
+    python bench/gpu_acceptance.py --rehearsal --out DIR   # the same steps on the CPU at tiny
+                                                           # shapes (Triton interpreter; in CI)
 
-Writes at most 8 files to DIR (what a lent GPU machine hands back):
-  summary.md / summary.json  each step's outcome and time, and the headline figures against the
-                             targets (fraction of the same-run GEMM ceiling counted as 6NHV,
-                             speed-ups over Liger and CCE, peak memory against the formula)
-  tests.log                  pytest on CUDA: tests/test_gpu.py (16-bit tensor-core numerics,
-                             deterministic mode, N V > 2^31, no host synchronisation with
-                             validate=False, memory bound) and the property tests with compiled
-                             Triton (both modes, bf16 / fp16 / fp32 against float64)
-  results.json / results.md / <head>.png   bench/loss_throughput.py at the Qwen2.5-7B head
-                             (H=3584, V=152064), N in {4096, 16384}, bf16, against the same-run
-                             cuBLAS GEMM and the peers whose packages are importable
-  profile.txt                torch.profiler of the chunked mode at N=16384 (the kernels by GPU
-                             time), a sweep of the row kernel's BLOCK_V / num_warps, and the
-                             registers / spills of every Triton kernel this process compiled
-
-Each step runs in its own process under a time limit, so one that fails or hangs does not
-stop the rest. No network is needed; peers missing from the machine are reported as skipped
-(carry their wheels: README, "GPU acceptance run").
+Steps, in order of value, each in its own process (a new session) under a time limit; at the
+limit the step gets SIGINT (pytest then prints its summary), then after a grace period its
+whole process group is killed, so no child (torchrun) is left on the GPU:
+  1. smoke    one chunked bf16 call at the Qwen2.5-7B head (H=3584, V=152064) against float64
+              on a slice of rows; peak memory against nft_kernels.extra_memory_bytes
+  2. bench    the headline: ours (chunked) vs the same-run cuBLAS ceiling vs Liger and CCE at
+              N in {4096, 16384}, inputs made once per N on the GPU and shared, each record
+              appended to results.json / results.md as it is measured; then the lean mode and
+              the vocab-parallel tp=1 path while the step's time lasts
+  3. tests    the compiled-Triton tests (tests/test_gpu.py and the kernel property tests) with
+              a short hypothesis profile (NFT_PROPERTY_EXAMPLES)
+  4. profile  torch.profiler of the chunked mode (the kernels by GPU time) and a sweep of the
+              row kernel's launch configurations, with registers / spills
+Files in DIR (7, within the device tool's 8): summary.md, summary.json (both rewritten after
+every step), log.txt (every step's output, appended as it comes), results.json, results.md,
+<head>.png, profile.txt. The cost model's prediction stands beside the measurement in the
+summary (bench/cost_model.py).
 """
 
 from __future__ import annotations
@@ -29,93 +30,188 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAD = ("Qwen2.5-7B", 3584, 152064)
-TOKENS = (4096, 16384)
-# Wall-clock limits per step (seconds); together well under 9 minutes.
-LIMITS = {"tests": 200, "bench": 190, "profile": 90}
+# The real run and its CPU rehearsal: the same steps, files and code paths, other sizes.
+PLANS = {
+    "gpu": dict(head=("Qwen2.5-7B", 3584, 152064), tokens=(4096, 16384), dtype="bf16",
+                smoke_tokens=16384, smoke_rows=256, repeats=5, examples=3,
+                limits=dict(smoke=60, bench=150, tests=100, profile=45), grace=10,
+                sweep=((1024, 4), (2048, 8), (4096, 8), (8192, 16)), profile_tokens=16384),
+    "rehearsal": dict(head=("rehearsal-head", 64, 512), tokens=(64, 128), dtype="bf16",
+                      smoke_tokens=96, smoke_rows=32, repeats=2, examples=1,
+                      limits=dict(smoke=60, bench=120, tests=90, profile=60), grace=10,
+                      sweep=((64, 4),), profile_tokens=64),
+}
+# The bench's order: the headline's three, then what is worth having if time remains.
+BENCH_IMPLS = ("nft_kernels chunked", "Liger GRPO (DAPO loss)", "CCE + NFT",
+               "nft_kernels lean", "nft_kernels chunked tp=1", "TRL chunked logprob + NFT")
 PEER_NAMES = ("Liger GRPO (DAPO loss)", "CCE + NFT", "TRL chunked logprob + NFT", "torch naive")
+TEST_FILES = ("tests/test_gpu.py", "tests/test_numerics_16bit.py",
+              "tests/test_fused_nft_properties.py", "tests/test_edge_cases.py",
+              "tests/test_reliability.py", "tests/test_bad_input.py")
+REHEARSAL_TEST_FILES = ("tests/test_gpu.py", "tests/test_bad_input.py")
 
 
-def _env():
+def _env(rehearsal: bool):
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "")
-                                                      .split(os.pathsep) if p])
+    if rehearsal:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "bench")] + [
+        p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     return env
 
 
-def run_step(name, cmd, limit, log_path=None):
-    """Run ``cmd`` with a time limit; returns the step record (output kept in ``log_path``)."""
-    t0 = time.perf_counter()
+def _kill_group(pid, sig):
     try:
-        done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                              timeout=limit)
-        status = "ok" if done.returncode == 0 else "failed"
-        output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as exc:
-        status, code = "timed out", None
-        output = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) \
-            else (exc.stdout or "")
-    seconds = time.perf_counter() - t0
-    if log_path is not None:
-        log_path.write_text(output)
-    print(f"[{name}] {status} in {seconds:.0f} s", flush=True)
-    return dict(step=name, status=status, exit_code=code, seconds=round(seconds, 1),
-                tail=output[-1500:])
-
-
-def step_tests(out):
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
-           "tests/test_gpu.py", "tests/test_fused_nft_properties.py", "tests/test_edge_cases.py",
-           "tests/test_paper_properties.py", "tests/test_bad_input.py"]
-    try:
-        import xdist  # noqa: F401, PLC0415 - parallel compiles when pytest-xdist is there
-
-        cmd += ["-n", "4"]
-    except ImportError:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
         pass
-    record = run_step("tests", cmd, LIMITS["tests"], out / "tests.log")
-    last = [line for line in record["tail"].splitlines() if " passed" in line or
-            " failed" in line or " error" in line]
-    record["summary"] = last[-1] if last else None
+
+
+def run_step(name, cmd, limit, log_path, env, grace):
+    """Run ``cmd`` in a new session with output appended to ``log_path``; at ``limit`` seconds
+    SIGINT, then after ``grace`` SIGKILL to the whole group. Returns the step record."""
+    t0 = time.perf_counter()
+    with open(log_path, "a") as log:
+        log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            code = proc.wait(timeout=limit)
+            status = "ok" if code == 0 else "failed"
+        except subprocess.TimeoutExpired:
+            _kill_group(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                pass
+            code, status = None, "timed out"
+        _kill_group(proc.pid, signal.SIGKILL)  # whatever it started is gone too
+        proc.wait()
+    with open(log_path, errors="replace") as log:
+        log.seek(start)
+        output = log.read()
+    seconds = time.perf_counter() - t0
+    print(f"[{name}] {status} in {seconds:.0f} s", flush=True)
+    record = dict(step=name, status=status, exit_code=code, seconds=round(seconds, 1),
+                  tail=output[-1500:])
+    for line in output.splitlines():  # a step may report a structured result
+        if line.startswith("STEP-RESULT "):
+            record["result"] = json.loads(line[len("STEP-RESULT "):])
     return record
 
 
-def step_bench(out):
-    cmd = [sys.executable, "bench/loss_throughput.py", "--head-size", str(HEAD[1]),
-           str(HEAD[2]), "--name", HEAD[0], "--tokens", *map(str, TOKENS), "--dtype", "bf16",
-           "--repeats", "7", "--skip-compile", "--out", str(out)]
-    return run_step("bench", cmd, LIMITS["bench"], None)
+def _self(*args):
+    return [sys.executable, str(Path(__file__).resolve()), *args]
 
 
-def step_profile(out):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--profile-into", str(out)]
-    return run_step("profile", cmd, LIMITS["profile"], None)
+def step_commands(plan_name, out):
+    p = PLANS[plan_name]
+    name, h, v = p["head"]
+    bench_limit = p["limits"]["bench"]
+    flag = ["--rehearsal"] if plan_name == "rehearsal" else []
+    tests = REHEARSAL_TEST_FILES if plan_name == "rehearsal" else TEST_FILES
+    return {
+        "smoke": _self("--smoke", *flag),
+        "bench": [sys.executable, "bench/loss_throughput.py", "--head-size", str(h), str(v),
+                  "--name", name, "--tokens", *map(str, p["tokens"]), "--dtype", p["dtype"],
+                  "--repeats", str(p["repeats"]), "--skip-compile", "--out", str(out),
+                  "--impls", *BENCH_IMPLS, "--deadline", str(int(bench_limit * 0.6))],
+        "tests": [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider",
+                  *tests],
+        "profile": _self("--profile-into", str(out), *flag),
+    }
 
 
-# ---- the profile step (runs in its own process) ---------------------------------------------
-def profile_into(out: Path) -> int:
+# ---- the smoke step (its own process) --------------------------------------------------------
+def smoke(plan_name) -> int:
+    """One chunked call at the head against float64 on a slice of rows, and its peak memory
+    against the documented bound. Prints STEP-RESULT {json}."""
+    import torch
+
+    from loss_throughput import DTYPES, make_inputs, relative_error  # noqa: PLC0415
+    from nft_kernels import extra_memory_bytes, fused_linear_nft_loss  # noqa: PLC0415
+    from nft_kernels.reference import reference_nft_loss, reference_with_grads  # noqa: PLC0415
+
+    p = PLANS[plan_name]
+    _, h, v = p["head"]
+    dev = torch.device("cuda" if plan_name == "gpu" else "cpu")
+    dtype = DTYPES[p["dtype"]]
+    inputs = make_inputs(p["smoke_tokens"], h, v, dtype, dev, 0)
+    n = inputs["target"].numel()
+    hid = inputs["hidden"].clone().requires_grad_(True)
+    w = inputs["weight"].clone().requires_grad_(True)
+    peak = None
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    loss = fused_linear_nft_loss(hid, w, inputs["target"], inputs["old"], inputs["rewards"],
+                                 inputs["rate"], inputs["mask"], reduction="mean")
+    loss.backward()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    seconds = time.perf_counter() - t0
+    counted = int(inputs["mask"].sum())
+    bound = extra_memory_bytes(n, h, v, dtype, "chunked", device=dev, counted_tokens=counted)
+    # float64 on the first rows (a mean over them: its own reduction, so the comparison is of
+    # the slice's loss and gradients computed by the same call on the slice).
+    rows = p["smoke_rows"]
+    sl = {k: t[:rows] if hasattr(t, "shape") and t.shape[:1] == (n,) else t
+          for k, t in inputs.items()}
+    hs = sl["hidden"].clone().requires_grad_(True)
+    ws = inputs["weight"].clone().requires_grad_(True)
+    got = fused_linear_nft_loss(hs, ws, sl["target"], sl["old"], sl["rewards"], sl["rate"],
+                                sl["mask"], reduction="mean")
+    got.backward()
+    ref_loss, ref_dh, ref_dw, _ = reference_with_grads(
+        reference_nft_loss, sl["hidden"], inputs["weight"], sl["target"], sl["old"],
+        sl["rewards"], sl["rate"], sl["mask"], reduction="mean")
+    result = dict(tokens=n, counted=counted, seconds_first_call=round(seconds, 2),
+                  loss_finite=bool(torch.isfinite(loss)),
+                  rel_err_loss=abs(got.item() - ref_loss.item()) / max(abs(ref_loss.item()),
+                                                                       1e-30),
+                  rel_err_dh=relative_error(hs.grad, ref_dh),
+                  rel_err_dw=relative_error(ws.grad, ref_dw),
+                  peak_extra_mib=None if peak is None else peak / 2**20,
+                  memory_bound_mib=bound / 2**20,
+                  within_memory_bound=None if peak is None else peak <= bound * 1.02 + 2**20)
+    # bf16 dz and gradients: ~1e-2 relative; anything far beyond is a wrong kernel.
+    ok = result["loss_finite"] and max(result["rel_err_dh"], result["rel_err_dw"]) < 5e-2
+    print("STEP-RESULT " + json.dumps(result), flush=True)
+    return 0 if ok and result["within_memory_bound"] is not False else 1
+
+
+# ---- the profile step (its own process) ------------------------------------------------------
+def profile_into(out: Path, plan_name) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    sys.path.insert(0, str(ROOT / "bench"))
     from loss_throughput import make_inputs  # noqa: PLC0415
-
     from nft_kernels import fused_linear_nft_loss, triton_launch  # noqa: PLC0415
+    from nft_kernels.heads import HeadSpec, LogitScaling  # noqa: PLC0415
     from nft_kernels.ops.chunk_rows import chunk_rows_kernel  # noqa: PLC0415
 
+    p = PLANS[plan_name]
+    name, h, v = p["head"]
+    dev = torch.device("cuda" if plan_name == "gpu" else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     lines = []
-    dev = torch.device("cuda")
-    n, h, v = TOKENS[-1], HEAD[1], HEAD[2]
-    inputs = make_inputs(n, h, v, torch.bfloat16, dev, 0)
+    path = out / "profile.txt"
+    inputs = make_inputs(p["profile_tokens"], h, v, torch.bfloat16, dev, 0)
     hid = inputs["hidden"].clone().requires_grad_(True)
     w = inputs["weight"].clone().requires_grad_(True)
 
@@ -124,54 +220,62 @@ def profile_into(out: Path) -> int:
         fused_linear_nft_loss(hid, w, inputs["target"], inputs["old"], inputs["rewards"],
                               inputs["rate"], inputs["mask"]).backward()
 
-    for _ in range(2):
+    step()
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
         step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    lines.append(f"# chunked mode, {HEAD[0]} head, N={n}, bf16: one forward + backward")
-    lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+        sync()
+    sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    lines.append(f"# chunked mode, {name} head, N={p['profile_tokens']}, bf16: one forward + "
+                 f"backward")
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=20))
+    path.write_text("\n".join(lines) + "\n")  # kept if the sweep below does not finish
 
-    # The row kernel alone on one chunk of logits, over a small table of launch configurations.
-    rows = 1024
+    # The row kernel alone on one chunk of logits through its launcher, over a small table of
+    # launch configurations (stats + head + bf16 dz: 10 bytes moved per logit).
+    rows = 1024 if dev.type == "cuda" else 16
     ws = torch.randn(rows, v, device=dev) * 3
     dz = ws.view(torch.bfloat16)[:, :v]
     target = torch.randint(0, v, (rows,), device=dev)
     ids = torch.arange(rows, device=dev)
-    per_token = [torch.zeros(rows, device=dev) for _ in range(6)]
-    old = torch.zeros(rows, device=dev)
-    scale = torch.ones((), device=dev)
-    from nft_kernels.heads import HeadSpec  # noqa: PLC0415
-
-    spec = HeadSpec(kind="nft")
-    from triton.testing import do_bench  # noqa: PLC0415
-
-    lines.append(f"\n# row kernel sweep: {rows} rows x V={v} fp32 logits -> bf16 dz "
-                 "(stats + head + dz; bytes moved = 10 per logit)")
+    out_rows = {k: torch.zeros(rows, device=dev)
+                for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")}
+    zeros = torch.zeros(rows, device=dev)
+    args = dict(bias=None, target=target, mask=None, old=zeros, reward=zeros + 1.0,
+                rate=zeros + 0.5, token_weights=None, ref=None,
+                scale=torch.ones((), device=dev), spec=HeadSpec(kind="nft"),
+                scaling=LogitScaling(), compute_entropy=False, stats=True, write_dz=True,
+                out=out_rows)
+    lines.append(f"\n# row kernel sweep: {rows} rows x V={v} fp32 logits -> bf16 dz")
     shipped = triton_launch.GPU_CHUNK_ROWS
-    for block_v in (1024, 2048, 4096, 8192):
-        for warps in (4, 8, 16):
-            def launch():
-                chunk_rows_kernel[(rows,)](
-                    ws, dz, ws.stride(0), dz.stride(0), ws, target, ids, ws, old, old, old,
-                    scale, *per_token, ws, ws, v, 1.0, **spec.kernel_scalars(), HAS_BIAS=False,
-                    HAS_MASK=False, STATS=True, WRITE_DZ=True, HEAD=1, NORMALIZE=1,
-                    COMPUTE_ENTROPY=False, HAS_ENT_GRAD=False, BLOCK_V=block_v,
-                    num_warps=warps, num_stages=1)
-            ms = do_bench(launch, warmup=10, rep=50, return_mode="median")
-            mark = "  <- shipped" if (block_v, warps) == (shipped["BLOCK_V"],
-                                                         shipped["num_warps"]) else ""
-            lines.append(f"BLOCK_V={block_v:5d} warps={warps:2d}: {ms:.3f} ms, "
-                         f"{10 * rows * v / ms / 1e9:.0f} GB/s{mark}")
+    for block_v, warps in p["sweep"]:
+        launch = dict(BLOCK_V=block_v, num_warps=warps, num_stages=1)
+
+        def run():
+            triton_launch.chunk_rows(ws, dz, ids, launch=launch, **args)
+
+        if dev.type == "cuda":
+            from triton.testing import do_bench  # noqa: PLC0415
+
+            ms = do_bench(run, warmup=10, rep=50, return_mode="median")
+        else:
+            t0 = time.perf_counter()
+            run()
+            ms = (time.perf_counter() - t0) * 1e3
+        mark = "  <- shipped" if (block_v, warps) == (shipped["BLOCK_V"],
+                                                     shipped["num_warps"]) else ""
+        lines.append(f"BLOCK_V={block_v:5d} warps={warps:2d}: {ms:.3f} ms, "
+                     f"{10 * rows * v / ms / 1e9:.0f} GB/s{mark}")
+    assert torch.isfinite(out_rows["loss"]).all()
 
     lines.append("\n# Triton kernels compiled in this process: registers and spills")
-    for kernel in (chunk_rows_kernel,):
-        for compiled in _compiled_kernels(kernel):
-            lines.append(f"{kernel.fn.__name__}: regs={getattr(compiled, 'n_regs', '?')} "
-                         f"spills={getattr(compiled, 'n_spills', '?')} "
-                         f"shared={getattr(compiled.metadata, 'shared', '?')}")
-    (out / "profile.txt").write_text("\n".join(lines) + "\n")
+    for compiled in _compiled_kernels(chunk_rows_kernel):
+        lines.append(f"chunk_rows_kernel: regs={getattr(compiled, 'n_regs', '?')} "
+                     f"spills={getattr(compiled, 'n_spills', '?')} "
+                     f"shared={getattr(compiled.metadata, 'shared', '?')}")
+    path.write_text("\n".join(lines) + "\n")
     return 0
 
 
@@ -188,14 +292,15 @@ def _compiled_kernels(kernel):
 
 
 # ---- summary ---------------------------------------------------------------------------------
-def headline(out: Path) -> dict:
-    """The targets of the chunked mode read off the bench results (None where not measured)."""
+def headline(out: Path, tokens=PLANS["gpu"]["tokens"], prediction=None) -> dict:
+    """The targets of the chunked mode read off the bench results (None where not measured);
+    ``prediction``: the cost model's figures per N, put beside the measurement."""
     path = out / "results.json"
     if not path.exists():
         return {}
     records = json.loads(path.read_text())["records"]
     found = {}
-    for n in TOKENS:
+    for n in tokens:
         row = {r["impl"]: r for r in records if r["N"] == n and r.get("status") == "ok"}
         ours = row.get("nft_kernels chunked")
         if not ours:
@@ -205,6 +310,8 @@ def headline(out: Path) -> dict:
                      memory_bound_mib=ours.get("memory_bound_mib"),
                      within_memory_bound=ours.get("within_memory_bound"),
                      rel_err_dw=ours.get("rel_err_dw"))
+        if prediction and f"N={n}" in prediction:
+            entry["predicted"] = prediction[f"N={n}"]
         for peer in PEER_NAMES + ("nft_kernels lean",):
             if peer in row:
                 entry[f"speedup_vs {peer}"] = row[peer]["time_ms"] / ours["time_ms"]
@@ -215,7 +322,7 @@ def headline(out: Path) -> dict:
             if plain and sharded:
                 entry[f"tp=1 time ratio {mode}"] = sharded["time_ms"] / plain["time_ms"]
         found[f"N={n}"] = entry
-    big = found.get(f"N={TOKENS[-1]}", {})
+    big = found.get(f"N={tokens[-1]}", {})
     targets = {
         ">= 80% of the GEMM ceiling (6NHV)": _at_least(big.get("fraction_of_gemm_6nhv"), 0.8),
         ">= 2x Liger GRPO": _at_least(big.get("speedup_vs Liger GRPO (DAPO loss)"), 2.0),
@@ -245,42 +352,80 @@ def write_summary(out: Path, steps, meta, figures):
         note = s.get("summary") or (s["tail"].strip().splitlines()[-1] if s["tail"].strip()
                                     else "")
         lines.append(f"| {s['step']} | {s['status']} | {s['seconds']} | {note[:200]} |")
+    smoke_result = next((s.get("result") for s in steps if s["step"] == "smoke"), None)
+    if smoke_result:
+        lines += ["", "## Smoke (one chunked call, float64 on a slice)", "", "```",
+                  json.dumps(smoke_result, indent=1), "```"]
     if figures:
-        lines += ["", "## Targets (chunked mode, N=16384, bf16)", "", "| target | met |",
+        lines += ["", "## Targets (chunked mode, the largest N)", "", "| target | met |",
                   "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in figures["targets"].items()]
-        lines += ["", "## Figures", "", "```", json.dumps(figures["figures"], indent=1), "```"]
+        lines += ["", "## Figures (prediction: bench/cost_model.py)", "", "```",
+                  json.dumps(figures["figures"], indent=1), "```"]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+
+def _tests_summary(record):
+    last = [line for line in record["tail"].splitlines() if " passed" in line or
+            " failed" in line or " error" in line]
+    return last[-1] if last else None
+
+
+def _prediction(plan):
+    try:
+        from cost_model import predict  # noqa: PLC0415
+    except ImportError:
+        return None
+    _, h, v = plan["head"]
+    return {f"N={n}": predict(n, h, v) for n in plan["tokens"]}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="output folder (at most 8 files)")
+    parser.add_argument("--out", type=Path, help="output folder (7 files)")
+    parser.add_argument("--rehearsal", action="store_true",
+                        help="every step on the CPU at tiny shapes (Triton interpreter)")
+    parser.add_argument("--steps", nargs="*", default=["smoke", "bench", "tests", "profile"],
+                        help="subset of: smoke bench tests profile")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile-into", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", nargs="*", default=["tests", "bench", "profile"],
-                        help="subset of: tests bench profile")
     args = parser.parse_args(argv)
-    if args.profile_into:
-        return profile_into(args.profile_into)
+    plan_name = "rehearsal" if args.rehearsal else "gpu"
+    if args.smoke or args.profile_into:
+        sys.path.insert(0, str(ROOT / "bench"))
+        return smoke(plan_name) if args.smoke else profile_into(args.profile_into, plan_name)
     import torch
     import triton
 
-    if not torch.cuda.is_available():
-        print("gpu_acceptance.py needs a CUDA GPU", file=sys.stderr)
+    if not args.rehearsal and not torch.cuda.is_available():
+        print("gpu_acceptance.py needs a CUDA GPU (--rehearsal runs its steps on the CPU)",
+              file=sys.stderr)
         return 2
+    plan = PLANS[plan_name]
+    device = torch.cuda.get_device_name() if not args.rehearsal else "cpu (rehearsal)"
     out = args.out or ROOT / "bench" / "results" / (
-        torch.cuda.get_device_name().replace(" ", "_") + "-" + dt.date.today().isoformat())
+        device.replace(" ", "_") + "-" + dt.date.today().isoformat())
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), date=dt.date.today().isoformat(),
-                torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+    sys.path.insert(0, str(ROOT / "bench"))
+    prediction = _prediction(plan)
+    meta = dict(device=device, date=dt.date.today().isoformat(), torch=torch.__version__,
+                triton=triton.__version__, python=platform.python_version(), plan=plan_name,
                 command="python bench/gpu_acceptance.py " + " ".join(argv or sys.argv[1:]))
+    env = _env(args.rehearsal)
+    env["NFT_PROPERTY_EXAMPLES"] = str(plan["examples"])
+    commands = step_commands(plan_name, out)
     steps = []
     t0 = time.perf_counter()
-    for name, fn in (("tests", step_tests), ("bench", step_bench), ("profile", step_profile)):
-        if name in args.steps:
-            steps.append(fn(out))
-    meta["total_seconds"] = round(time.perf_counter() - t0, 1)
-    write_summary(out, steps, meta, headline(out))
+    for name in ("smoke", "bench", "tests", "profile"):
+        if name not in args.steps:
+            continue
+        record = run_step(name, commands[name], plan["limits"][name], out / "log.txt", env,
+                          plan["grace"])
+        if name == "tests":
+            record["summary"] = _tests_summary(record)
+        steps.append(record)
+        meta["total_seconds"] = round(time.perf_counter() - t0, 1)
+        write_summary(out, steps, meta, headline(out, plan["tokens"], prediction))
     print((out / "summary.md").read_text())
     return 0 if all(s["status"] == "ok" for s in steps) else 1
 

@@ -1,8 +1,15 @@
 """Speed, memory and accuracy of the fused NFT loss next to its peers, in one run.
 
-    python bench/loss_throughput.py            # full table (meant for a GPU)
-    python bench/loss_throughput.py --quick    # small shapes on CPU, under two minutes
+    python bench/loss_throughput.py            # the plan for this machine: the four real LM
+                                               # heads on a GPU, a CPU-sized head on a CPU
+    python bench/loss_throughput.py --quick    # small shapes, under two minutes on a CPU
     python bench/loss_throughput.py --out DIR  # results.json, results.md and PNG plots in DIR
+
+Each record is printed and appended to results.json / results.md as soon as it is measured,
+with a progress line (what runs, how many are left, an estimate of the time left). Inputs are
+generated once per shape and shared by the implementations; a peer that would not fit in
+memory (the naive ones hold [N, V] logits) is skipped with the reason before it is tried;
+``--deadline`` stops starting new measurements after that many seconds.
 
 Every implementation gets identical inputs (NFT with binary rewards, prompts of 8 answers,
 10% padding). Per implementation and shape it records the median forward+backward time
@@ -56,12 +63,16 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def make_inputs(n, h, v, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
+    # The large tensors are drawn where they live: a [V, H] weight at a real head is 545M
+    # values, seconds of CPU time per draw.
+    big = torch.Generator(device=device).manual_seed(seed) if device.type == "cuda" else gen
     seq_len = min(max(n // 32, 16), 1024, n)  # >= 4 prompts of 8 answers where n allows
     batch = max(n // seq_len, 1)
     n = batch * seq_len
-    hidden = torch.randn(n, h, generator=gen).to(device, dtype)
-    weight = (torch.randn(v, h, generator=gen) * (2.0 / h**0.5)).to(device, dtype)
-    target = torch.randint(0, v, (n,), generator=gen).to(device)
+    hidden = torch.randn(n, h, generator=big, device=big.device).to(device, dtype)
+    weight = (torch.randn(v, h, generator=big, device=big.device)
+              * (2.0 / h**0.5)).to(device, dtype)
+    target = torch.randint(0, v, (n,), generator=big, device=big.device).to(device)
     seq_reward = (torch.rand(batch, generator=gen) < 0.5).float()
     groups = seq_reward.view(-1, min(ANSWERS_PER_PROMPT, batch))
     seq_rate = groups.mean(1, keepdim=True).expand_as(groups).reshape(-1)
@@ -165,8 +176,27 @@ class CpuPeakMemory:
         return (self._status_kib("VmHWM") - self._base) / 1024.0
 
 
-def measure(job):
-    """One implementation on one shape: the record for results.json."""
+# Implementations that hold [N, V] fp32 logits (and their gradient): how many such buffers.
+LOGITS_COPIES = {"torch naive": 3, "torch.compile naive": 2}
+
+
+def free_memory_bytes(device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def make_input_sets(n, h, v, dtype, device):
+    """The two input sets every implementation of one shape is timed on (alternated)."""
+    return [make_inputs(n, h, v, dtype, device, seed) for seed in (0, 1)]
+
+
+def measure(job, input_sets=None):
+    """One implementation on one shape: the record for results.json. ``input_sets``: from
+    ``make_input_sets`` (shared by the implementations of a shape), or made here."""
     impl = next(i for i in IMPLEMENTATIONS if i.name == job["impl"])
     device = torch.device(job["device"])
     n, h, v, dtype = job["N"], job["H"], job["V"], DTYPES[job["dtype"]]
@@ -179,10 +209,17 @@ def measure(job):
         return {**record, "status": "skipped",
                 "reason": "left out by --quick / --skip-compile (its compile time alone is "
                           "minutes)"}
+    copies = LOGITS_COPIES.get(impl.name)
+    free = free_memory_bytes(device) if copies else None
+    if copies and free is not None and copies * 4 * n * v > 0.9 * free:
+        return {**record, "status": "skipped",
+                "reason": f"would not fit: {copies} x [N, V] fp32 logits = "
+                          f"{copies * 4 * n * v / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"}
     if impl.name.startswith("nft_kernels"):
         record.update(backend=resolve_impl("auto", device), mode=impl.mode)
     try:
-        input_sets = [make_inputs(n, h, v, dtype, device, seed) for seed in (0, 1)]
+        if input_sets is None:
+            input_sets = make_input_sets(n, h, v, dtype, device)
         runs = [impl.build(inputs) for inputs in input_sets]
         elem = torch.tensor([], dtype=dtype).element_size()
         record["gradient_buffers_mib"] = (n * h + v * h) * elem / 2**20
@@ -217,16 +254,18 @@ def measure(job):
         times = [_time_ms(runs[k % 2], device) for k in range(job["repeats"])]
         del runs
         ms = statistics.median(times)
+        # Useful FLOPs are those of the counted rows: padded ones are dropped before any GEMM
+        # (crediting all N would inflate the figures by N / counted, ~1.11 at 10% padding).
+        counted = int(input_sets[0]["mask"].sum())
         record.update(status="ok", time_ms=ms, times_ms=times, tokens_per_s=n / ms * 1e3,
-                      tflops_6nhv=6 * n * h * v / ms / 1e9)
+                      counted_tokens=counted, tflops_6nhv=6 * counted * h * v / ms / 1e9)
         gemm = job.get("gemm_ms")
         if gemm:
             gemm_tflops = 2 * n * h * v / gemm / 1e9
             record.update(gemm_ms=gemm, gemm_tflops=gemm_tflops,
                           fraction_of_gemm_6nhv=record["tflops_6nhv"] / gemm_tflops,
-                          fraction_of_gemm_8nhv=8 * n * h * v / ms / 1e9 / gemm_tflops)
+                          fraction_of_gemm_8nhv=8 * counted * h * v / ms / 1e9 / gemm_tflops)
         sliced = slice_inputs(input_sets[0], job["slice_rows"])
-        del input_sets
         loss, dh, dw = impl.build(sliced)()
         ref_loss, ref_dh, ref_dw, _ = reference_on_slice(sliced, impl.loss)
         record.update(slice_rows=sliced["target"].shape[0],
@@ -276,8 +315,12 @@ def device_name(device):
 
 
 def write_markdown(records, path, meta):
+    # "6NHV / GEMM": the useful FLOPs per second (counted rows) over a plain GEMM's in the same
+    # run, the fraction of the ceiling reached; meaningful on a GPU (on a CPU the BLAS GEMM is
+    # not a ceiling for the other work, so the column is left empty there).
+    gpu = not str(meta["device"]).startswith("cpu")
     cols = ["shape", "N", "dtype", "impl", "status", "ms", "tokens/s", "peak MiB",
-            "x grad bufs", "TFLOP/s (6NHV)", "% GEMM (8NHV)", "err loss", "err dH", "err dW"]
+            "x grad bufs", "TFLOP/s (6NHV)", "6NHV / GEMM %", "err loss", "err dH", "err dW"]
     lines = [f"Device: {meta['device']} | {meta['date']} | torch {meta['versions']['torch']} | "
              f"triton {meta['versions']['triton']}", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -293,8 +336,9 @@ def write_markdown(records, path, meta):
             row = [r["shape"], r["N"], r["dtype"], r["impl"], "ok", f(r["time_ms"], ".1f"),
                    f(r["tokens_per_s"], ".3g"), f(r["peak_extra_mib"], ".0f"),
                    f(r["peak_over_gradient_buffers"], ".2f"), f(r["tflops_6nhv"], ".3g"),
-                   f(100 * r["fraction_of_gemm_8nhv"], ".0f") if "fraction_of_gemm_8nhv" in r
-                   else "", f(r["rel_err_loss"], ".1e"), f(r["rel_err_dh"], ".1e"),
+                   f(100 * r["fraction_of_gemm_6nhv"], ".0f")
+                   if gpu and "fraction_of_gemm_6nhv" in r else "",
+                   f(r["rel_err_loss"], ".1e"), f(r["rel_err_dh"], ".1e"),
                    f(r["rel_err_dw"], ".1e")]
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     path.write_text("\n".join(lines) + "\n")
@@ -309,6 +353,10 @@ def write_plots(records, out):
         return []
     written = []
     for shape in sorted({r["shape"] for r in records}):
+        ok = [r for r in records if r["shape"] == shape and r.get("status") == "ok"]
+        if len({r["N"] for r in ok}) == 1:  # one N: bars, one per implementation
+            written.append(_bar_plot(plt, ok, shape, out))
+            continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for impl in dict.fromkeys(r["impl"] for r in records):
             rows = sorted((r for r in records if r["shape"] == shape and r["impl"] == impl
@@ -335,6 +383,42 @@ def write_plots(records, out):
     return written
 
 
+def select_impls(selectors):
+    """Implementations in the order the selectors give them (an exact name, else every name
+    containing the selector); all of them, in table order, without selectors."""
+    if not selectors:
+        return list(IMPLEMENTATIONS)
+    chosen = []
+    for s in selectors:
+        exact = [i for i in IMPLEMENTATIONS if i.name.lower() == s.lower()]
+        for impl in exact or [i for i in IMPLEMENTATIONS if s.lower() in i.name.lower()]:
+            if impl not in chosen:
+                chosen.append(impl)
+    return chosen
+
+
+def write_results(out, meta, records):
+    """results.json and results.md as they stand (rewritten after every record)."""
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+    write_markdown(records, out / "results.md", meta)
+
+
+def _bar_plot(plt, rows, shape, out):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["impl"] for r in rows]
+    for ax, key, label in zip(axes, ("time_ms", "peak_extra_mib"),
+                              ("forward+backward ms", "peak extra MiB")):
+        ax.barh(names, [r.get(key) or 0 for r in rows])
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle(f"{shape}, N={rows[0]['N']}, {rows[0]['dtype']}")
+    fig.tight_layout()
+    path = out / f"{shape.replace('.', '_')}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small CPU-sized shapes")
@@ -349,7 +433,10 @@ def main(argv=None):
                         "a GPU, fp32 on CPU)")
     parser.add_argument("--skip-compile", action="store_true",
                         help="leave out the torch.compile peers (minutes of compile time)")
-    parser.add_argument("--impls", nargs="*", help="substrings selecting implementations")
+    parser.add_argument("--impls", nargs="*", help="implementations to run, in this order "
+                        "(exact names, or substrings)")
+    parser.add_argument("--deadline", type=float, help="start no measurement after this many "
+                        "seconds (the rest are recorded as skipped)")
     parser.add_argument("--isolate", action="store_true",
                         help="run every measurement in a fresh process (memory high-water "
                              "marks and allocator state not shared between implementations)")
@@ -358,46 +445,71 @@ def main(argv=None):
     if args.job:
         print("RECORD " + json.dumps(measure(json.loads(args.job))), flush=True)
         return 0
+    t_start = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = device_name(device)
     today = dt.date.today().isoformat()
-    heads = QUICK_HEADS if args.quick else {k: HEADS[k] for k in (args.heads or HEADS)}
+    quick = args.quick
+    if device.type == "cpu" and not (quick or args.heads or args.head_size or args.tokens):
+        quick = True
+        print(f"no GPU: running the CPU-sized plan ({', '.join(QUICK_HEADS)} at N = "
+              f"{', '.join(map(str, QUICK_TOKENS))}); --heads / --head-size / --tokens ask for "
+              f"more", flush=True)
+    heads = QUICK_HEADS if quick else {k: HEADS[k] for k in (args.heads or HEADS)}
     if args.head_size:
         name_of_head = args.name or f"H{args.head_size[0]}-V{args.head_size[1]}"
         heads = {name_of_head: tuple(args.head_size)}
-    tokens = tuple(args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS))
-    repeats = args.repeats or (3 if args.quick or device.type == "cpu" else 10)
+    tokens = tuple(args.tokens or (QUICK_TOKENS if quick else FULL_TOKENS))
+    repeats = args.repeats or (3 if quick or device.type == "cpu" else 10)
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     plan = [(shape, h, v, n, dtype) for shape, (h, v) in heads.items() for n in tokens]
-    if device.type == "cuda" and not args.quick and not args.dtype:
+    if device.type == "cuda" and not quick and not args.dtype:
         h, v = heads[next(iter(heads))]
         plan.append((next(iter(heads)), h, v, tokens[min(1, len(tokens) - 1)], "fp32"))
-    impls = [i for i in IMPLEMENTATIONS
-             if not args.impls or any(s.lower() in i.name.lower() for s in args.impls)]
+    impls = select_impls(args.impls)
     out = args.out or Path(__file__).parent / "results" / f"{name.replace(' ', '_')}-{today}"
     out.mkdir(parents=True, exist_ok=True)
+    meta = dict(device=name, date=today, machine=platform.machine(), platform=platform.platform(),
+                cpu_count=os.cpu_count(), versions=versions(), quick=quick,
+                command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
 
     records = []
+    total, done, measured_s = len(plan) * len(impls), 0, 0.0
     for shape, h, v, n, dtype in plan:
         gemm = gemm_ms(n, h, v, DTYPES[dtype], device, repeats)
+        shared = None  # the shape's inputs, made once for all its implementations
         for impl in impls:
             job = dict(impl=impl.name, shape=shape, H=h, V=v, N=n, dtype=dtype,
                        device=device.type, device_name=name, repeats=repeats,
                        warmup=1 if device.type == "cpu" else 3, gemm_ms=gemm,
-                       slice_rows=64 if device.type == "cpu" else 512, quick=args.quick,
+                       slice_rows=64 if device.type == "cpu" else 512, quick=quick,
                        skip_compile=args.skip_compile)
-            record = measure_isolated(job) if args.isolate else measure(job)
+            elapsed = time.perf_counter() - t_start
+            eta = (f", about {measured_s / done * (total - done):.0f} s left" if done else "")
+            print(f"[{done + 1}/{total}] {impl.name} | {shape} N={n} {dtype}{eta}", flush=True)
+            t0 = time.perf_counter()
+            if args.deadline is not None and elapsed > args.deadline:
+                record = dict(impl=impl.name, shape=shape, N=n, H=h, V=v, dtype=dtype,
+                              device=name, status="skipped",
+                              reason=f"out of time (--deadline {args.deadline:g} s)")
+            elif args.isolate:
+                record = measure_isolated(job)
+            else:
+                if shared is None and not impl.available(device):
+                    shared = make_input_sets(n, h, v, DTYPES[dtype], device)
+                record = measure(job, shared)
+            measured_s += time.perf_counter() - t0
+            done += 1
             records.append(record)
+            write_results(out, meta, records)
             summary = (f"{record['time_ms']:.1f} ms, {record['peak_extra_mib'] or 0:.0f} MiB"
                        if record.get("status") == "ok" else
                        f"{record.get('status')}: {record.get('reason', '')}")
-            print(f"[{shape} N={n} {dtype}] {impl.name}: {summary}", flush=True)
+            print(f"    {impl.name}: {summary}", flush=True)
+        del shared
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    meta = dict(device=name, date=today, machine=platform.machine(), platform=platform.platform(),
-                cpu_count=os.cpu_count(), versions=versions(), quick=args.quick,
-                command=" ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])))
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, records=records), indent=1))
-    write_markdown(records, out / "results.md", meta)
     plots = write_plots(records, out)
     print(f"wrote {out / 'results.json'}, results.md and {len(plots)} plot(s)")
     return 0

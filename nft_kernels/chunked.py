@@ -33,6 +33,15 @@ DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
 _TORCH_ROW_BLOCK_ELEMENTS = 1 << 19
 
 _OUT_DTYPE_MM = any("dtype" in str(s) for s in torch._C._jit_get_schemas_for_operator("aten::mm"))
+
+
+def addmm_takes_fp32_self(version: str) -> bool:
+    """addmm(fp32 dW, 16-bit, 16-bit, out_dtype=fp32) works from torch 2.10 (pytorch PR
+    #167931); 2.8 and 2.9 have the overload but raise for an fp32 accumulator."""
+    return torch.torch_version.TorchVersion(version) >= "2.10"
+
+
+_ADDMM_FP32_ACC = _OUT_DTYPE_MM and addmm_takes_fp32_self(torch.__version__)
 _warned_no_out_dtype = False
 
 
@@ -87,8 +96,24 @@ def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> N
     """dw (fp32) += dz^T h_c."""
     if dz.dtype == torch.float32:
         dw.addmm_(dz.t(), h_c)
-    else:
+    elif _ADDMM_FP32_ACC:
         torch.addmm(dw, dz.t(), h_c, out_dtype=torch.float32, out=dw)
+    else:  # torch 2.8 / 2.9: an fp32 product, then the add (one [V, H] temporary)
+        dw.add_(_mm_fp32(dz.t(), h_c))
+
+
+def unit_max_gradients(g_logp: torch.Tensor, g_ent: torch.Tensor | None):
+    """(g_logp / s, g_ent / s, s) with s = max |g| (a device scalar, no synchronisation).
+
+    16-bit dz never carries a scale: an upstream 1 / n (a mean over 15k tokens) times
+    p ~ 1 / V is below fp16's smallest subnormal, and the -p part of dH and dW would be
+    flushed to zero. Gradient passes that write 16-bit dz take per-token gradients of unit
+    maximum, and multiply their fp32 results by s afterwards."""
+    s = g_logp.abs().amax() if g_logp.numel() else torch.ones((), device=g_logp.device)
+    if g_ent is not None and g_ent.numel():
+        s = torch.maximum(s, g_ent.abs().amax())
+    s = s.clamp(min=torch.finfo(torch.float32).tiny)
+    return g_logp / s, None if g_ent is None else g_ent / s, s
 
 
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
@@ -251,13 +276,25 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
     if grad_scale is None:
         grad_scale = torch.ones((), dtype=torch.float32, device=dev)
     row_ids = _row_ids(rows, n_total, dev)
+    # The row kernel writes 16-bit dz in the first half of each fp32 row of the workspace (row
+    # stride 2V); the torch row math writes fp32 dz over the logits.
+    dz_dtype = hidden.dtype if row_op != "torch" else torch.float32
+    # 16-bit dz carries no scale (``unit_max_gradients``): the forward's reduction scale and
+    # the backward's per-token gradients are applied to the GEMMs' results instead.
+    post_scale, weight_max = None, None
+    if write_dz and dz_dtype != torch.float32:
+        if stats:
+            post_scale = grad_scale
+            grad_scale = torch.ones((), dtype=torch.float32, device=dev)
+            if token_weights is not None:  # an aggregation's 1 / (global tokens) is a scale too
+                token_weights, weight_max = _unit_max_weights(token_weights, rows, mask)
+                post_scale = post_scale * weight_max
+        else:
+            g_logp, g_ent, post_scale = unit_max_gradients(g_logp, g_ent)
     # Sharded: every rank sizes its chunks by the largest shard, so that all ranks take the
     # same number of chunks (and of per-chunk all-reduces).
     c = rows_per_chunk(workspace_bytes, vocab if shard is None else shard.max_size, n)
     workspace = torch.empty((c, vocab), dtype=torch.float32, device=dev)
-    # The row kernel writes 16-bit dz in the first half of each fp32 row of the workspace (row
-    # stride 2V); the torch row math writes fp32 dz over the logits.
-    dz_dtype = hidden.dtype if row_op != "torch" else torch.float32
     common = dict(target=target, mask=mask, old=old, reward=reward, rate=rate,
                   token_weights=token_weights, ref=ref, scale=grad_scale, spec=spec,
                   scaling=scaling, compute_entropy=compute_entropy,
@@ -299,15 +336,35 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         if want_db:
             db += dz.sum(dim=0, dtype=torch.float32)
         if want_dh:
-            if rows is None and dh.dtype == gemm_dtype:
+            if rows is None and dh.dtype == gemm_dtype and post_scale is None:
                 torch.mm(dz, w_g, out=dh[c0:c1])
             else:
-                dh.index_copy_(0, rows_c, _mm_fp32(dz, w_g).to(dh.dtype))
+                dh_c = _mm_fp32(dz, w_g)
+                if post_scale is not None:
+                    dh_c.mul_(post_scale)
+                dh.index_copy_(0, rows_c, dh_c.to(dh.dtype))
         if want_dw:
             if mask is not None:  # padded rows left in place: dz is 0 there, h may be NaN
                 h_c = h_c.masked_fill(~mask.index_select(0, rows_c)[:, None], 0.0)
             _add_weight_grad(dw, dz, h_c)
+    if post_scale is not None:  # fp32 accumulators
+        for grad in (dw, db):
+            if grad is not None:
+                grad.mul_(post_scale)
+    if weight_max is not None:  # the per-token outputs of the actual token weights
+        out["loss"].mul_(weight_max)
+        out["g"].mul_(weight_max)
     return out, dh, dw, db
+
+
+def _unit_max_weights(token_weights, rows, mask):
+    """(token_weights / m, m) with m = their largest value on counted rows (device scalar)."""
+    counted = token_weights if rows is None else token_weights.index_select(0, rows)
+    if mask is not None and rows is None:
+        counted = torch.where(mask, counted, torch.zeros_like(counted))
+    m = counted.abs().amax() if counted.numel() else torch.ones((), device=counted.device)
+    m = m.float().clamp(min=torch.finfo(torch.float32).tiny)
+    return token_weights / m, m
 
 
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

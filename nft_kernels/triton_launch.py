@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 
+from .chunked import unit_max_gradients
 from .heads import HeadSpec, LogitScaling
 from .ops.backward_atomic import fused_linear_backward_atomic_kernel
 from .ops.backward_dh import fused_linear_backward_dh_kernel
@@ -99,6 +100,11 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     n = rows.numel()
     if n == 0:
         return dh, dw, db
+    # dz goes to 16-bit before the tensor-core products: it carries no scale (the upstream
+    # 1 / n of a mean would flush its -p part to zero in fp16), the fp32 results get it.
+    post_scale = None
+    if hidden.dtype != torch.float32:
+        g_logp, g_ent, post_scale = unit_max_gradients(g_logp, g_ent)
     dummy = _dummy(dev)
     config = tiles("backward", hidden.dtype)
     common = dict(
@@ -121,6 +127,10 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     else:
         fused_linear_backward_atomic_kernel[(num_n * num_v,)](
             *row_args, dh, dw, db if db is not None else dummy, *sizes, GROUP=GROUP, **common)
+    if post_scale is not None:
+        for grad in (dh, dw, db):
+            if grad is not None:
+                grad.mul_(post_scale)
     return dh, dw, db
 
 
@@ -147,10 +157,13 @@ def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSp
 def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, ref,
                scale, spec: HeadSpec, scaling: LogitScaling, compute_entropy, stats, write_dz,
                out,
-               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0, keep_logits=False):
+               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0, keep_logits=False,
+               launch=None):
     """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
     in its own dtype. ``entropy_coef`` != 0: the entropy bonus, in the loss and in dz.
-    ``keep_logits`` needs nothing here: only the dz pass writes over the logits."""
+    ``keep_logits`` needs nothing here: only the dz pass writes over the logits. ``launch``:
+    another launch configuration (BLOCK_V, num_warps, num_stages) than GPU_CHUNK_ROWS, for the
+    acceptance run's sweep."""
     del keep_logits
     bonus = bool(stats and entropy_coef != 0.0)
     c = ws.shape[0]
@@ -165,7 +178,7 @@ def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_w
         per_token = [dummy, rowmax, logsum, entropy if entropy is not None else dummy,
                      dummy, dummy]
     opt = lambda t: t if t is not None else dummy  # noqa: E731
-    config = dict(_INTERPRET_CHUNK_ROWS if INTERPRET else GPU_CHUNK_ROWS)
+    config = dict(_INTERPRET_CHUNK_ROWS if INTERPRET else (launch or GPU_CHUNK_ROWS))
     chunk_rows_kernel[(c,)](
         ws, dz, ws.stride(0), dz.stride(0),
         opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate),

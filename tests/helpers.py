@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from hypothesis import HealthCheck, assume, settings
 
@@ -21,7 +23,12 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def property_settings(max_examples=20):
     """Hypothesis settings of the kernel property tests: reproducible draws (derandomized, no
-    example database), no deadline (interpreted kernels are slow), fixtures allowed."""
+    example database), no deadline (interpreted kernels are slow), fixtures allowed.
+    ``NFT_PROPERTY_EXAMPLES`` caps the examples (the GPU acceptance run's short profile: each
+    example compiles fresh Triton specialisations there)."""
+    cap = int(os.environ.get("NFT_PROPERTY_EXAMPLES", "0") or 0)
+    if cap > 0:
+        max_examples = min(max_examples, cap)
     return settings(max_examples=max_examples, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 

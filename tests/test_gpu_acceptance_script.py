@@ -1,5 +1,7 @@
-"""bench/gpu_acceptance.py on a machine without a GPU: it refuses in one line, and its summary
-reads the targets off bench results correctly (checked on synthetic results)."""
+"""bench/gpu_acceptance.py on a machine without a GPU: its rehearsal runs every step of the real
+run at tiny shapes (the Triton interpreter where kernels launch) and writes every file; without
+--rehearsal it refuses in one line; its summary reads the targets off bench results correctly
+(checked on synthetic results)."""
 
 import importlib.util
 import json
@@ -26,7 +28,8 @@ def test_without_a_gpu_it_refuses_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_acceptance.py"), "--out",
                            str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert done.stderr.strip() == "gpu_acceptance.py needs a CUDA GPU"
+    assert done.stderr.strip() == ("gpu_acceptance.py needs a CUDA GPU (--rehearsal runs its "
+                                   "steps on the CPU)")
 
 
 def test_summary_reads_targets_off_the_bench_results(tmp_path):
@@ -59,3 +62,54 @@ def test_summary_reads_targets_off_the_bench_results(tmp_path):
     text = (tmp_path / "summary.md").read_text()
     assert "| >= 2x Liger GRPO | True |" in text and "| tests | ok |" in text
     assert json.loads((tmp_path / "summary.json").read_text())["steps"][0]["status"] == "ok"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_rehearsal_runs_every_step_and_writes_every_file(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_acceptance.py"),
+                           "--rehearsal", "--out", str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [
+        ("smoke", "ok"), ("bench", "ok"), ("tests", "ok"), ("profile", "ok")]
+    smoke = summary["steps"][0]["result"]
+    assert smoke["loss_finite"] and smoke["rel_err_dh"] < 5e-2 and smoke["rel_err_dw"] < 5e-2
+    assert " passed" in summary["steps"][2]["summary"]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(["summary.md", "summary.json", "log.txt", "results.json",
+                            "results.md", "rehearsal-head.png", "profile.txt"])
+    assert len(files) <= 8  # what the device tool hands back
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    ours = [r for r in records if r["impl"] == "nft_kernels chunked"]
+    assert ours and ours[0]["status"] == "ok" and ours[0]["counted_tokens"] < ours[0]["N"]
+    assert "row kernel sweep" in (tmp_path / "profile.txt").read_text()
+    assert "Figures" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_step_past_its_limit_is_interrupted_and_its_children_killed(tmp_path):
+    """SIGINT at the limit (pytest prints its summary then), SIGKILL to the whole group after
+    the grace period: a child that ignores SIGINT does not outlive the step."""
+    acc = _module()
+    marker = tmp_path / "child.pid"
+    script = (f"import os, signal, subprocess, sys, time\n"
+              f"child = subprocess.Popen([sys.executable, '-c', "
+              f"'import signal, time; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              f"time.sleep(60)'])\n"
+              f"open({str(marker)!r}, 'w').write(str(child.pid))\n"
+              f"print('started', flush=True)\n"
+              f"time.sleep(60)\n")
+    record = acc.run_step("hang", [sys.executable, "-c", script], 3, tmp_path / "log.txt",
+                          dict(__import__("os").environ), grace=1)
+    assert record["status"] == "timed out" and record["seconds"] < 15
+    assert "started" in (tmp_path / "log.txt").read_text()
+    import os
+    import time
+    pid = int(marker.read_text())
+    time.sleep(0.2)
+    try:
+        os.kill(pid, 0)
+        alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive, "the step's child outlived it"
