@@ -289,8 +289,8 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
 
     ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
     one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
-    its fp32 logits workspace is at most ``workspace_bytes`` (default 1 GiB on CUDA, 128 MiB
-    on CPU). ``"lean"`` runs the tile kernels (no workspace, logits recomputed in the
+    its fp32 logits workspace is at most ``workspace_bytes`` (default on CUDA 1/32 of the
+    GPU's memory, 1 to 8 GiB; 128 MiB on CPU). ``"lean"`` runs the tile kernels (no workspace, logits recomputed in the
     backward). ``filter_eps`` (lean only) skips gradient tiles whose |onehot - p| < filter_eps
     (approximate); ``deterministic=True`` makes the lean backward atomic-free (the chunked
     mode is deterministic anyway). With ``return_stats=True`` also returns

@@ -29,6 +29,9 @@ import torch
 from .heads import HeadSpec, LogitScaling, head_loss_and_grad
 
 DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
+# On CUDA the default grows with the device: 1/32 of its memory, between 1 and 8 GiB (4.4 GiB
+# on an H200): fewer chunks, so fewer read-modify-writes of the fp32 dW (bench/cost_model.py).
+CUDA_WORKSPACE_FRACTION, CUDA_WORKSPACE_MAX = 32, 8 << 30
 # Rows of the torch row math processed together, so its temporaries stay in cache.
 _TORCH_ROW_BLOCK_ELEMENTS = 1 << 19
 
@@ -46,19 +49,33 @@ _warned_no_out_dtype = False
 
 
 def default_workspace_bytes(device: torch.device) -> int:
-    return DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES["cuda"])
+    floor = DEFAULT_WORKSPACE_BYTES.get(device.type, DEFAULT_WORKSPACE_BYTES["cuda"])
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return floor
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    return int(min(max(floor, total // CUDA_WORKSPACE_FRACTION), CUDA_WORKSPACE_MAX))
 
 
 def rows_per_chunk(workspace_bytes: int, vocab: int, n_rows: int) -> int:
-    """Rows of one chunk: as many fp32 logit rows as the workspace holds (a multiple of 64
-    once there are more than 128, for GEMM-friendly shapes), never more than there are rows."""
+    """Rows of one chunk: as few chunks as the workspace allows (it holds C fp32 logit rows),
+    all of about the same size, a multiple of 128 rows where the budget allows (64 past 128
+    rows otherwise), never more than there are rows. Equal chunks leave no small tail chunk,
+    whose GEMMs would leave most of the GPU idle."""
     c = workspace_bytes // (4 * vocab)
     if c < 1:
         raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one row of fp32 logits "
                          f"(4 * V = {4 * vocab} bytes); raise it or use mode='lean'")
     if c > 128:
         c -= c % 64
-    return max(1, min(c, n_rows))
+    c = max(1, min(c, n_rows))
+    chunks = -(-n_rows // c)
+    if chunks > 1:
+        even = -(-n_rows // chunks)
+        if even > 128:
+            even = min(c, -(-even // 128) * 128)
+        c = even
+    return c
 
 
 def workspace_bytes_needed(n_rows: int, vocab: int, workspace_bytes: int) -> int:
@@ -92,9 +109,16 @@ def _logits_into(out: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor) -> 
         torch.mm(h_c, weight.t(), out_dtype=torch.float32, out=out)
 
 
-def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor) -> None:
-    """dw (fp32) += dz^T h_c."""
-    if dz.dtype == torch.float32:
+def _add_weight_grad(dw: torch.Tensor, dz: torch.Tensor, h_c: torch.Tensor,
+                     first: bool = False) -> None:
+    """dw (fp32) += dz^T h_c; ``first``: dw = dz^T h_c (dw is uninitialised: no zero-fill and
+    no read of it, 8VH bytes saved)."""
+    if first:
+        if dz.dtype == torch.float32:
+            torch.mm(dz.t(), h_c, out=dw)
+        else:
+            torch.mm(dz.t(), h_c, out_dtype=torch.float32, out=dw)
+    elif dz.dtype == torch.float32:
         dw.addmm_(dz.t(), h_c)
     elif _ADDMM_FP32_ACC:
         torch.addmm(dw, dz.t(), h_c, out_dtype=torch.float32, out=dw)
@@ -262,11 +286,12 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
     if want_dh:
         dh = torch.zeros(hidden.shape, dtype=torch.float32 if partial_dh else hidden.dtype,
                          device=dev)
-    dw = None
-    if want_dw:
-        dw = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if want_db else None
     n = n_total if rows is None else rows.numel()
+    dw = None
+    if want_dw:  # the first chunk's GEMM writes it whole (no rows: zeros)
+        dw = (torch.zeros if n == 0 else torch.empty)(weight.shape, dtype=torch.float32,
+                                                      device=dev)
+    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if want_db else None
     if n == 0:
         return out, dh, dw, db
 
@@ -346,7 +371,7 @@ def run(hidden, weight, bias, target, rows, mask, old, reward, rate, token_weigh
         if want_dw:
             if mask is not None:  # padded rows left in place: dz is 0 there, h may be NaN
                 h_c = h_c.masked_fill(~mask.index_select(0, rows_c)[:, None], 0.0)
-            _add_weight_grad(dw, dz, h_c)
+            _add_weight_grad(dw, dz, h_c, first=c0 == 0)
     if post_scale is not None:  # fp32 accumulators
         for grad in (dw, db):
             if grad is not None:
