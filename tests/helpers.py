@@ -165,3 +165,18 @@ def fused_head_loss(head, p, advantages, **options):
     advantages = advantages.to(p["old"].device)
     loss = fused_linear_ppo_loss(*args, advantages, p["mask"], **options)
     return loss, reference_ppo_loss, (p["old"], advantages)
+
+
+def liger_grpo_problem(seed, b, t, h=16, v=40):
+    """A [b, t] batch for the comparisons with Liger's fused GRPO loss: hidden, weight, target,
+    mask, one advantage per sequence and the float64 log-probs; returns the generator too, so
+    that a test draws its old / reference log-probs from the same stream."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=gen)
+    weight = torch.randn(v, h, generator=gen) / 4
+    target = torch.randint(0, v, (b, t), generator=gen)
+    mask = torch.rand(b, t, generator=gen) < 0.8
+    seq_adv = torch.randn(b, generator=gen)
+    with torch.no_grad():
+        logp, _ = reference_logprobs(hidden, weight, target)
+    return gen, hidden, weight, target, mask, seq_adv, logp

@@ -15,6 +15,7 @@ from helpers import (
     GRAD_RTOL,
     assert_close_scaled,
     check_fused_against_reference,
+    liger_grpo_problem,
     make_problem,
     property_settings,
 )
@@ -22,11 +23,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nft_kernels import fused_linear_ppo_loss, ppo_clip_loss
-from nft_kernels.reference import (
-    reference_logprobs,
-    reference_ppo_from_logprobs,
-    reference_ppo_loss,
-)
+from nft_kernels.reference import reference_ppo_from_logprobs, reference_ppo_loss
 
 PROPERTY = property_settings()
 
@@ -143,15 +140,8 @@ def test_matches_liger_grpo_sequence_level(mode):
     beta 0): ours with sequence_ids = the batch row gives the same loss and gradients."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    gen = torch.Generator().manual_seed(6)
-    b, t, h, v = 4, 9, 16, 40
-    hidden = torch.randn(b, t, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / 4
-    target = torch.randint(0, v, (b, t), generator=gen)
-    mask = torch.rand(b, t, generator=gen) < 0.8
-    seq_adv = torch.randn(b, generator=gen)
-    with torch.no_grad():
-        logp, _ = reference_logprobs(hidden, weight, target)
+    b, t = 4, 9
+    gen, hidden, weight, target, mask, seq_adv, logp = liger_grpo_problem(6, b, t)
     old = (logp + 0.15 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
 
     h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)

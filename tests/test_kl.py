@@ -16,6 +16,7 @@ from helpers import (
     assert_close_scaled,
     check_fused_against_reference,
     fused_head_loss,
+    liger_grpo_problem,
     make_problem,
     property_settings,
 )
@@ -189,15 +190,8 @@ def test_matches_liger_grpo_with_beta(device, mode):
     gradients."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    gen = torch.Generator().manual_seed(5)
-    b, t, h, v = 3, 7, 16, 40
-    hidden = torch.randn(b, t, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / 4
-    target = torch.randint(0, v, (b, t), generator=gen)
-    mask = torch.rand(b, t, generator=gen) < 0.8
-    seq_adv = torch.randn(b, generator=gen)
-    with torch.no_grad():
-        logp, _ = reference_logprobs(hidden, weight, target)
+    b, t = 3, 7
+    gen, hidden, weight, target, mask, seq_adv, logp = liger_grpo_problem(5, b, t)
     old = (logp + 0.1 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
     ref_lp = (logp + 0.5 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
     beta = 0.04

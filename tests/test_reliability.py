@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import GRAD_RTOL, assert_close_scaled, make_problem
+from helpers import GRAD_RTOL, assert_close_scaled, liger_grpo_problem, make_problem
 
 from nft_kernels import (
     fused_linear_logprobs,
@@ -183,15 +183,8 @@ def test_gspo_kl_bias_correction_uses_the_response_ratio(engine, device):
 def test_gspo_kl_bias_correction_matches_liger():
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    gen = torch.Generator().manual_seed(7)
-    b, t, h, v = 4, 9, 16, 40
-    hidden = torch.randn(b, t, h, generator=gen)
-    weight = torch.randn(v, h, generator=gen) / 4
-    target = torch.randint(0, v, (b, t), generator=gen)
-    mask = torch.rand(b, t, generator=gen) < 0.8
-    seq_adv = torch.randn(b, generator=gen)
-    with torch.no_grad():
-        logp, _ = reference_logprobs(hidden, weight, target)
+    b, t = 4, 9
+    gen, hidden, weight, target, mask, seq_adv, logp = liger_grpo_problem(7, b, t)
     old = (logp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
     ref = (logp + 0.2 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
 
