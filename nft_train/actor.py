@@ -101,10 +101,14 @@ class PolicyWithLoss(nn.Module):
     runs its GEMMs on bf16 copies of the hidden states and the head, keeping fp32 log-probs."""
 
     def __init__(self, lm: nn.Module, algo: AlgoConfig, impl: str = "auto",
-                 compute_dtype: torch.dtype = torch.float32, mode: str = "auto"):
+                 compute_dtype: torch.dtype = torch.float32, mode: str = "auto",
+                 temperature: float = 1.0):
         super().__init__()
         self.lm, self.algo, self.impl, self.mode = lm, algo, impl, mode
         self.compute_dtype = compute_dtype
+        # The sampler's temperature: every log-prob (old, updated) is of the policy that drew
+        # the tokens, softmax(z / T), as TRL and verl score them (TRL #4159).
+        self.temperature = float(temperature)
 
     def _hidden(self, input_ids, attention_mask):
         out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
@@ -126,13 +130,15 @@ class PolicyWithLoss(nn.Module):
         if logprobs_only:
             return nft_kernels.fused_linear_logprobs(hidden, weight, target, mask=mask,
                                                      return_entropy=True, impl=self.impl,
-                                                     mode=self.mode)
+                                                     mode=self.mode,
+                                                     temperature=self.temperature)
         a = self.algo
         # The aggregation weights hold the global normalizer (see loop.token_weights); as the
         # loss's token weights they make it one scalar whose gradients the chunked mode
         # computes in the forward (6NHV instead of 8NHV for the LM head).
         common = dict(token_weights=batch["token_weight"], reduction="sum", impl=self.impl,
-                      mode=self.mode, return_stats=True, max_log_ratio=a.max_log_ratio)
+                      mode=self.mode, return_stats=True, max_log_ratio=a.max_log_ratio,
+                      temperature=self.temperature)
         if a.loss == "nft":
             return nft_kernels.fused_linear_nft_loss(
                 hidden, weight, target, batch["old_logprobs"], batch["rewards"],

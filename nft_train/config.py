@@ -341,6 +341,13 @@ def validate(cfg: Config) -> Config:
                        "rollout.gpu_memory_utilization":
                            cfg.rollout.gpu_memory_utilization}.items():
         _require(_finite(value) and 0 < value <= 1, key, "must be in (0, 1]", value)
+    # Training samples come from softmax(z / T) itself: with top-p the sampler draws from the
+    # truncated, renormalised distribution, and a ratio against the full softmax is biased by
+    # the kept mass (TRL #6789). Evaluation may use top-p (it computes no ratio).
+    _require(cfg.rollout.top_p == 1.0, "rollout.top_p",
+             "must be 1 for training rollouts: the trainer scores tokens under the full "
+             "softmax at rollout.temperature, and top-p sampling draws from a truncated one "
+             "(a biased ratio); eval.top_p may be < 1", cfg.rollout.top_p)
     lo_hi = cfg.algo.rate_clamp
     _require(len(lo_hi) == 2 and all(_finite(x) for x in lo_hi) and 0 < lo_hi[0] <= lo_hi[1] < 1,
              "algo.rate_clamp", "must be [lo, hi] with 0 < lo <= hi < 1", lo_hi)

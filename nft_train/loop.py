@@ -145,7 +145,7 @@ class Trainer:
         self.engine = make_rollout(cfg.rollout, model, tokenizer, model_dir, self.info.device,
                                    call_seed(cfg.train.seed, 0, self.info.rank), engine_dtype)
         self.policy = shard(PolicyWithLoss(model, cfg.algo, cfg.train.impl, self.compute_dtype,
-                                           cfg.train.mode), self.info)
+                                           cfg.train.mode, cfg.rollout.temperature), self.info)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=t.lr,
                                            betas=tuple(t.betas), weight_decay=t.weight_decay)

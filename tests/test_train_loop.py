@@ -217,3 +217,37 @@ def test_cli_rejects_bad_config_with_the_key_named(tmp_path):
                               f"model.path={tmp_path / 'none'}"], env=env, capture_output=True,
                              text=True, timeout=120)
     assert missing.returncode == 2 and "model.path" in missing.stderr
+
+
+def test_trainer_scores_tokens_at_the_rollout_temperature(tmp_path):
+    """The policy that sampled at T draws from softmax(z / T): the trainer's log-probs (old
+    ones, and those of the update) are of that policy, not of T = 1 (TRL #4159)."""
+    from nft_train.loop import collate
+
+    trainer = _trainer(tmp_path, rollout={"temperature": 0.7})
+    seqs = [s for g in th.fixed_groups(trainer.tokenizer) for s in g]
+    batch = collate(seqs, trainer.pad_id, torch.device("cpu"))
+    with torch.no_grad():
+        logp, _ = trainer.policy(batch, logprobs_only=True)
+        logits = trainer.policy.lm(input_ids=batch["input_ids"],
+                                   attention_mask=batch["attention_mask"]).logits[:, :-1]
+        want = torch.log_softmax(logits.double() / 0.7, -1).gather(
+            -1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        at_one = torch.log_softmax(logits.double(), -1).gather(
+            -1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["loss_mask"]
+    torch.testing.assert_close(logp[mask].double(), want[mask], rtol=0, atol=2e-5)
+    assert (at_one[mask] - want[mask]).abs().max() > 1e-2  # T matters for this model
+    # The update's ratio is 1 on-policy: its log-probs are at the same temperature.
+    batch["old_logprobs"] = logp
+    _, stats = trainer.policy(batch)
+    torch.testing.assert_close(stats["logprobs"][mask], logp[mask], rtol=0, atol=1e-6)
+    trainer.close()
+
+
+def test_top_p_training_rollouts_are_refused():
+    from nft_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'rollout.top_p' must be 1 for training rollouts"):
+        load_config(overrides=["rollout.top_p=0.9"])
+    assert load_config(overrides=["eval.top_p=0.7"]).eval.top_p == 0.7
