@@ -100,6 +100,9 @@ def _naive(inputs):
 
 
 _compiled = {}
+# Liger's fused GRPO loss compiles its chunk function by default (compiled=True), its normal
+# use on a GPU; bench/loss_throughput.py --skip-compile turns that off too (minutes saved).
+COMPILE_LIGER = True
 
 
 def _compiled_naive(inputs):
@@ -182,7 +185,7 @@ def _liger_grpo(inputs):
     module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
                                       epsilon_low=DAPO_CLIP["clip_low"],
                                       epsilon_high=DAPO_CLIP["clip_high"],
-                                      compiled=h.is_cuda)
+                                      compiled=h.is_cuda and COMPILE_LIGER)
 
     def run():
         h.grad = w.grad = None

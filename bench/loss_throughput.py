@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import implementations  # noqa: E402
 from implementations import IMPLEMENTATIONS  # noqa: E402
 
 from nft_kernels import extra_memory_bytes, fused_linear_logprobs  # noqa: E402
@@ -443,9 +444,12 @@ def main(argv=None):
     parser.add_argument("--job", help=argparse.SUPPRESS)  # one measurement, for --isolate
     args = parser.parse_args(argv)
     if args.job:
-        print("RECORD " + json.dumps(measure(json.loads(args.job))), flush=True)
+        job = json.loads(args.job)
+        implementations.COMPILE_LIGER = not job.get("skip_compile")
+        print("RECORD " + json.dumps(measure(job)), flush=True)
         return 0
     t_start = time.perf_counter()
+    implementations.COMPILE_LIGER = not args.skip_compile
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = device_name(device)
     today = dt.date.today().isoformat()
