@@ -133,11 +133,16 @@ def unit_max_gradients(g_logp: torch.Tensor, g_ent: torch.Tensor | None):
     p ~ 1 / V is below fp16's smallest subnormal, and the -p part of dH and dW would be
     flushed to zero. Gradient passes that write 16-bit dz take per-token gradients of unit
     maximum, and multiply their fp32 results by s afterwards."""
-    s = g_logp.abs().amax() if g_logp.numel() else torch.ones((), device=g_logp.device)
-    if g_ent is not None and g_ent.numel():
-        s = torch.maximum(s, g_ent.abs().amax())
-    s = s.clamp(min=torch.finfo(torch.float32).tiny)
+    s = _largest(g_logp)
+    if g_ent is not None:
+        s = torch.maximum(s, _largest(g_ent))
     return g_logp / s, None if g_ent is None else g_ent / s, s
+
+
+def _largest(t: torch.Tensor) -> torch.Tensor:
+    """max |t| as an fp32 device scalar, never below fp32's smallest normal (a divisor)."""
+    m = t.abs().amax().float() if t.numel() else torch.ones((), device=t.device)
+    return m.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 # ---- the torch row math (CPUs without the Triton interpreter) -----------------------------
@@ -387,8 +392,7 @@ def _unit_max_weights(token_weights, rows, mask):
     counted = token_weights if rows is None else token_weights.index_select(0, rows)
     if mask is not None and rows is None:
         counted = torch.where(mask, counted, torch.zeros_like(counted))
-    m = counted.abs().amax() if counted.numel() else torch.ones((), device=counted.device)
-    m = m.float().clamp(min=torch.finfo(torch.float32).tiny)
+    m = _largest(counted)
     return token_weights / m, m
 
 
