@@ -140,9 +140,15 @@ def smoke(plan_name) -> int:
     against the documented bound. Prints STEP-RESULT {json}."""
     import torch
 
-    from loss_throughput import DTYPES, make_inputs, relative_error  # noqa: PLC0415
+    from implementations import IMPLEMENTATIONS  # noqa: PLC0415
+    from loss_throughput import (  # noqa: PLC0415
+        DTYPES,
+        make_inputs,
+        reference_on_slice,
+        relative_error,
+        slice_inputs,
+    )
     from nft_kernels import extra_memory_bytes, fused_linear_nft_loss  # noqa: PLC0415
-    from nft_kernels.reference import reference_nft_loss, reference_with_grads  # noqa: PLC0415
 
     p = PLANS[plan_name]
     _, h, v = p["head"]
@@ -167,25 +173,16 @@ def smoke(plan_name) -> int:
     seconds = time.perf_counter() - t0
     counted = int(inputs["mask"].sum())
     bound = extra_memory_bytes(n, h, v, dtype, "chunked", device=dev, counted_tokens=counted)
-    # float64 on the first rows (a mean over them: its own reduction, so the comparison is of
-    # the slice's loss and gradients computed by the same call on the slice).
-    rows = p["smoke_rows"]
-    sl = {k: t[:rows] if hasattr(t, "shape") and t.shape[:1] == (n,) else t
-          for k, t in inputs.items()}
-    hs = sl["hidden"].clone().requires_grad_(True)
-    ws = inputs["weight"].clone().requires_grad_(True)
-    got = fused_linear_nft_loss(hs, ws, sl["target"], sl["old"], sl["rewards"], sl["rate"],
-                                sl["mask"], reduction="mean")
-    got.backward()
-    ref_loss, ref_dh, ref_dw, _ = reference_with_grads(
-        reference_nft_loss, sl["hidden"], inputs["weight"], sl["target"], sl["old"],
-        sl["rewards"], sl["rate"], sl["mask"], reduction="mean")
+    # The bench's own accuracy check: its chunked implementation on the first rows.
+    sliced = slice_inputs(inputs, p["smoke_rows"])
+    ours = next(i for i in IMPLEMENTATIONS if i.name == "nft_kernels chunked")
+    got, dh, dw = ours.build(sliced)()
+    ref_loss, ref_dh, ref_dw, _ = reference_on_slice(sliced, ours.loss)
     result = dict(tokens=n, counted=counted, seconds_first_call=round(seconds, 2),
                   loss_finite=bool(torch.isfinite(loss)),
                   rel_err_loss=abs(got.item() - ref_loss.item()) / max(abs(ref_loss.item()),
                                                                        1e-30),
-                  rel_err_dh=relative_error(hs.grad, ref_dh),
-                  rel_err_dw=relative_error(ws.grad, ref_dw),
+                  rel_err_dh=relative_error(dh, ref_dh), rel_err_dw=relative_error(dw, ref_dw),
                   peak_extra_mib=None if peak is None else peak / 2**20,
                   memory_bound_mib=bound / 2**20,
                   within_memory_bound=None if peak is None else peak <= bound * 1.02 + 2**20)

@@ -195,8 +195,9 @@ def _fused_on_rank(hidden, weight, target, mask, bias, temperature, spec, per_to
 
     vocab, shard = weight.shape[0], None
     if call is not None:  # round 1: every rank's shard; every local check above has passed
-        shard = call.shard(head=head, vocab=vocab, hidden_size=width, tokens=h.shape[0], dtype=h.dtype,
-                           bias=bias is not None, vocab_start=vocab_start, want=want,
+        shard = call.shard(head=head, vocab=vocab, hidden_size=width, tokens=h.shape[0],
+                           dtype=h.dtype, bias=bias is not None, vocab_start=vocab_start,
+                           want=want,
                            validate=bool(validate), mode=mode,
                            workspace_bytes=workspace_bytes)
         vocab = shard.total
@@ -290,11 +291,11 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     ``mode``: ``"chunked"`` (what ``"auto"`` picks) runs vendor GEMMs on chunks of rows around
     one fused row kernel, with the gradients of a "sum" / "mean" loss computed in the forward;
     its fp32 logits workspace is at most ``workspace_bytes`` (default on CUDA 1/32 of the
-    GPU's memory, 1 to 8 GiB; 128 MiB on CPU). ``"lean"`` runs the tile kernels (no workspace, logits recomputed in the
-    backward). ``filter_eps`` (lean only) skips gradient tiles whose |onehot - p| < filter_eps
-    (approximate); ``deterministic=True`` makes the lean backward atomic-free (the chunked
-    mode is deterministic anyway). With ``return_stats=True`` also returns
-    {"logprobs", "entropy"} per token (detached).
+    GPU's memory, 1 to 8 GiB; 128 MiB on CPU). ``"lean"`` runs the tile kernels (no
+    workspace, logits recomputed in the backward). ``filter_eps`` (lean only) skips gradient
+    tiles whose |onehot - p| < filter_eps (approximate); ``deterministic=True`` makes the lean
+    backward atomic-free (the chunked mode is deterministic anyway). With
+    ``return_stats=True`` also returns {"logprobs", "entropy"} per token (detached).
 
     Vocab-parallel LM head (``vocab_parallel.py``): ``weight`` (and ``bias``) may be this rank's
     rows of a head sharded over the vocabulary: give the tensor-parallel ``process_group``

@@ -8,7 +8,8 @@ otherwise PyTorch. ``"triton"`` / ``"torch"`` force one.
 - ``"chunked"`` (what ``"auto"`` picks): vendor GEMMs on chunks of rows around one fused row
   kernel (``chunked.py``); gradients of a scalar loss are computed in the forward (6NHV).
   Extra memory: the workspace (``workspace_bytes``, default on CUDA 1/32 of the GPU's
-  memory (1 to 8 GiB), 128 MiB on CPU, never more than the counted rows need) + an fp32 dW for 16-bit weights + O(N).
+  memory (1 to 8 GiB), 128 MiB on CPU, never more than the counted rows need) + an fp32 dW
+  for 16-bit weights + O(N).
 - ``"lean"``: the tile kernels (``ops/forward.py`` and the backward kernels), which never hold
   more than a tile of logits; the backward recomputes them (8NHV). Extra memory: fp32 dH and
   dW accumulators + O(N). ``filter_eps`` (gradient filtering per tile) needs this mode, so

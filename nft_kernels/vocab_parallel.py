@@ -59,7 +59,7 @@ _SHARED = {
     "mode": "mode differs across ranks",
     "workspace_bytes": "workspace_bytes differs across ranks",
 }
-_FIELDS = len(_META)  # numbers per rank in a round (round 1 sends them all, round 2 one)
+_FIELDS = len(_META)  # numbers per rank in a round (round 1 sends them all, round 2 three)
 # validate=False: the shard layout found by a call's round 1, reused by later calls on the
 # same head so that they take no agreement round (no host synchronisation). Whether a call
 # takes round 1 must be decided alike on every rank, or the collectives mismatch and the call
@@ -110,8 +110,9 @@ def agreement_checksums(checks, target, mask):
     n = target.numel()
     position = torch.arange(1, n + 1, dtype=torch.int64, device=target.device)
     weight = (position * 40503) % _CHECKSUM_PRIME + 1
-    counted = (torch.ones_like(position, dtype=torch.bool) if mask is None else mask)
-    ids = torch.where(counted, target.long() + 1, torch.zeros_like(position))
+    ids = target.long() + 1
+    if mask is not None:
+        ids = torch.where(mask, ids, torch.zeros_like(ids))
     target_sum = ((ids * weight) % _CHECKSUM_PRIME).sum() % _CHECKSUM_PRIME
     slots = {}  # the mask first: targets are compared on counted tokens
     if mask is not None:

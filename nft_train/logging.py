@@ -88,9 +88,9 @@ class RunLogger:
         so an interrupted step is not in the file twice); rewritten atomically."""
         if not self.enabled or not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and _row_step(line) <= step]
-        if len(kept) == len([line for line in lines if line.strip()]):
+        rows = [line for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if _row_step(line) <= step]
+        if len(kept) == len(rows):
             return
         tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
