@@ -63,8 +63,9 @@ class RunSpec:
         return f"{self.name}_seed{self.seed}"
 
 
-def plan(seeds: list[int], ablations: bool = True) -> list[RunSpec]:
-    runs = [RunSpec(a, a, (), s) for s in seeds for a in ALGORITHMS]
+def plan(seeds: list[int], ablations: bool = True, algorithms: list[str] = ALGORITHMS
+         ) -> list[RunSpec]:
+    runs = [RunSpec(a, a, (), s) for s in seeds for a in algorithms]
     if ablations:
         for _, knob, values in ABLATIONS:
             for v in values:
@@ -116,23 +117,28 @@ def _evaluate_at(trainer, temperature: float, top_p: float, tag: str) -> dict:
 
 
 def _evals(trainer) -> dict:
+    """Each of EVALS on every held-out set: accuracy and pass@k are means over the sets."""
     out = {}
+    sets = list(trainer.eval_sets)
     for name, e in EVALS.items():
         r = _evaluate_at(trainer, e["temperature"], e["top_p"], name)
-        out[name] = {"accuracy": r[f"{name}/accuracy"], "pass_at_k": r[f"{name}/synthetic/pass_at_k"],
-                     **e, "k": trainer.cfg.eval.k, "problems": len(trainer.eval_sets["synthetic"])}
+        out[name] = {"accuracy": r[f"{name}/accuracy"],
+                     "pass_at_k": statistics.fmean(r[f"{name}/{s}/pass_at_k"] for s in sets),
+                     **e, "k": trainer.cfg.eval.k,
+                     "problems": sum(len(trainer.eval_sets[s]) for s in sets)}
     return out
 
 
 def heldout_entropy(trainer, problems: int, k: int, seed: int) -> float:
     """Mean per-token entropy (nats) of the policy on its own T=1 answers to the first
-    ``problems`` held-out prompts: one probe, measured the same way for every algorithm (the
-    trainer's ``train/entropy`` covers only the prompts each algorithm keeps)."""
+    ``problems`` held-out prompts (of every held-out set in turn): one probe, measured the same
+    way for every algorithm (the trainer's ``train/entropy`` covers only the prompts each
+    algorithm keeps)."""
     import torch
 
     from nft_train.loop import Sequence, collate
 
-    prompts = trainer.eval_sets["synthetic"][:problems]
+    prompts = [p for group in zip(*trainer.eval_sets.values()) for p in group][:problems]
     samples = trainer.engine.generate([list(p.prompt_ids) for p in prompts], k, 1.0, 1.0,
                                       trainer.cfg.eval.max_new_tokens, seed)
     batch = collate([Sequence(prompts[s.prompt_index].prompt_ids, s.response_ids, 0.0, 0.5, 0.0)
@@ -259,9 +265,10 @@ def _accuracy(rec: dict) -> float:
     return rec["after"]["paper"]["accuracy"]
 
 
-def summarize(records: list[dict], seeds: list[int]) -> tuple[dict, dict, str]:
+def summarize(records: list[dict], seeds: list[int], algorithms: list[str] = ALGORITHMS,
+              **describe) -> tuple[dict, dict, str]:
     """summary.json (the issue's schema), the rest (table, paired differences, ablations) and
-    the markdown tables."""
+    the markdown tables (``describe``: markdown_tables' wording)."""
     runs = _by_seed(records)
     # The warm start's numbers: the same eval (same seed, same model) in every run of a seed.
     base_by_seed: dict[int, dict] = {}
@@ -275,7 +282,7 @@ def summarize(records: list[dict], seeds: list[int]) -> tuple[dict, dict, str]:
     # step 0 of the held-out entropy probe is the warm start's, the same in every run of a seed
     base_entropy = {rec["seed"]: rec["curves"]["entropy_heldout"][0][1] for rec in records}
     rows = {"base": {s: base_by_seed[s] for s in seeds}}
-    rows.update({a: {s: r["after"] for s, r in runs[a].items()} for a in ALGORITHMS if a in runs})
+    rows.update({a: {s: r["after"] for s, r in runs[a].items()} for a in algorithms if a in runs})
     summary, table = {}, {}
     nft = runs.get("nft", {})
     for name, evals in rows.items():
@@ -313,7 +320,7 @@ def summarize(records: list[dict], seeds: list[int]) -> tuple[dict, dict, str]:
         ablations[ablation] = {"knob": f"algo.{knob}", "default": NFT_DEFAULTS[knob],
                                "points": points}
     extra = {"table": table, "ablations": ablations}
-    return summary, extra, markdown_tables(table, ablations, records)
+    return summary, extra, markdown_tables(table, ablations, records, **describe)
 
 
 LABELS = {"base": "base (warm start)", "nft": "NFT", "rft": "RFT", "grpo": "GRPO",
@@ -327,22 +334,26 @@ def _pts(pair, digits: int = 1, scale: float = 100.0, sign: bool = False) -> str
     return f"{scale * m:{'+' if sign else ''}.{digits}f} ± {scale * s:.{digits}f}"
 
 
-def markdown_tables(table: dict, ablations: dict, records: list[dict]) -> str:
+def markdown_tables(table: dict, ablations: dict, records: list[dict],
+                    problems_are: str = "unseen addition problems",
+                    start: str = "warm start") -> str:
     k = records[0]["after"]["paper"]["k"]
     problems = records[0]["after"]["paper"]["problems"]
+    probe = records[0].get("entropy_probe", {}).get("problems", 200)
     seeds = sorted({r["seed"] for r in records})
-    lines = [(f"Held-out accuracy (%) on {problems} unseen addition problems, mean ± std over "
+    lines = [(f"Held-out accuracy (%) on {problems} {problems_are}, mean ± std over "
               f"seeds {seeds} (sample std). Δ vs NFT: the same seed's NFT run subtracted first "
-              f"(runs of a seed share warm start, prompts and sampling seeds). Entropy: nats per "
-              f"token of the policy's own T=1 answers to 200 held-out prompts, after the last "
-              f"step."), "",
+              f"(runs of a seed share {start}, prompts and sampling seeds). Entropy: nats per "
+              f"token of the policy's own T=1 answers to {probe} held-out prompts, after the "
+              f"last step."), "",
              (f"| algorithm | avg@{k} T=0.6 top-p 0.7 (paper's decoding) | Δ vs NFT (points) "
               f"| avg@{k} T=1.0 | pass@{k} T=1.0 | entropy | Δ entropy vs NFT |"),
              "|---|---|---|---|---|---|---|"]
     for name, row in table.items():
         paired = row.get("paired_vs_nft", {})
         lines.append(
-            f"| {LABELS.get(name, name)} | {_pts(row['paper']['accuracy'])} | "
+            f"| {LABELS.get(name, name) if name != 'base' else f'base ({start})'} | "
+            f"{_pts(row['paper']['accuracy'])} | "
             f"{_pts(paired.get('accuracy'), sign=True) if name not in ('base', 'nft') else '–'} | "
             f"{_pts(row['t1']['accuracy'])} | {_pts(row['t1']['pass_at_k'])} | "
             f"{_pts(row['entropy'], 3, 1.0)} | "
@@ -387,7 +398,8 @@ def _axes_done(ax, ylabel: str) -> None:
         ax.legend(fontsize=8)
 
 
-def plot_all(records: list[dict], out: Path) -> list[Path]:
+def plot_all(records: list[dict], out: Path, algorithms: list[str] = ALGORITHMS,
+             ablations: list = ABLATIONS) -> list[Path]:
     plt = _plt()
     by_run = {name: list(recs.values()) for name, recs in _by_seed(records).items()}
     figures = [
@@ -402,7 +414,7 @@ def plot_all(records: list[dict], out: Path) -> list[Path]:
     for fname, title, panels in figures:
         fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
         for ax, (key, ylabel) in zip(axes, panels):
-            for a in ALGORITHMS:
+            for a in algorithms:
                 if a in by_run:
                     _band(ax, by_run[a], key, LABELS[a])
             _axes_done(ax, ylabel)
@@ -411,7 +423,7 @@ def plot_all(records: list[dict], out: Path) -> list[Path]:
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         written.append(out / fname)
-    for ablation, knob, values in ABLATIONS:
+    for ablation, knob, values in ablations:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
         finals = []
         for v in values:

@@ -132,6 +132,21 @@ class PolicyWithLoss(nn.Module):
                                                      return_entropy=True, impl=self.impl,
                                                      mode=self.mode,
                                                      temperature=self.temperature)
+        entropy = None
+        if "old_logprobs" not in batch:
+            # Strictly on-policy (the trainer's shortcut): pi_old is this forward's own policy.
+            # Its log-probs from the same hidden states and the same kernel as the loss's are
+            # what a separate no-grad pass would give, bit for bit, so R = 1 exactly.
+            with torch.no_grad():
+                batch["old_logprobs"], entropy = nft_kernels.fused_linear_logprobs(
+                    hidden.detach(), weight.detach(), target, mask=mask, return_entropy=True,
+                    impl=self.impl, mode=self.mode, temperature=self.temperature)
+        loss, stats = self._loss(hidden, weight, target, mask, batch)
+        if entropy is not None:
+            stats["old_entropy"] = entropy
+        return loss, stats
+
+    def _loss(self, hidden, weight, target, mask, batch: dict):
         a = self.algo
         # The aggregation weights hold the global normalizer (see loop.token_weights); as the
         # loss's token weights they make it one scalar whose gradients the chunked mode

@@ -30,7 +30,19 @@ class ModelConfig:
 
 
 @dataclass
+class ReasoningGymConfig:
+    # Task names, or mappings {name: ..., <the task's config keys>}, e.g.
+    # [chain_sum, {name: basic_arithmetic, min_terms: 2, max_terms: 3}]
+    tasks: list = field(default_factory=lambda: ["chain_sum"])
+    train_size: int = 2000        # entries generated per task for training (before de-duplication)
+    eval_size: int = 100          # held-out entries per task (one eval set per task)
+    seed: int = 0                 # the generators' seed: same seed, same problems
+
+
+@dataclass
 class DataConfig:
+    # auto: train_files if given, else the embedded task | files | synthetic | reasoning_gym
+    source: str = "auto"
     train_files: list[str] = field(default_factory=list)   # empty: the embedded arithmetic task
     format: str = "auto"          # auto | dapo (parquet) | math (jsonl) | synthetic
     template: str = "dapo"        # dapo | boxed | plain | synthetic
@@ -39,6 +51,7 @@ class DataConfig:
     synthetic_train_size: int = 4000
     synthetic_digits: int = 2     # operands of the embedded task have up to this many digits
     shuffle: bool = True
+    reasoning_gym: ReasoningGymConfig = field(default_factory=ReasoningGymConfig)
 
 
 @dataclass
@@ -58,6 +71,19 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.4
     vllm_max_model_len: int = 1024
     sleep_between_steps: bool = True   # vLLM sleep mode on CUDA (ignored on CPU)
+
+
+@dataclass
+class RolloutCorrectionConfig:
+    # Importance weights for the sampler-trainer mismatch (off by default), from the rollout
+    # engine's log-prob of each sampled token and the trainer's pi_old (both at
+    # rollout.temperature): w_t = pi_old(y_t) / pi_rollout(y_t), per token or, for the
+    # sequence modes, w = prod_t w_t for the whole response. Applied through the loss's
+    # token_weights, so every algorithm gets it. TRL: vllm_importance_sampling_mode (the same
+    # four names) and vllm_importance_sampling_cap; verl: algorithm.rollout_correction
+    # rollout_is (token | sequence) with rollout_is_threshold (truncate).
+    mode: str = "off"             # off | token_truncate | token_mask | sequence_truncate | sequence_mask
+    cap: float = 2.0              # C: truncate w -> min(w, C); mask: w -> 0 where w > C
 
 
 @dataclass
@@ -94,6 +120,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     seed: int = 0
     max_bad_steps: int = 3        # stop after this many non-finite losses in a row
+    # One mini-batch per rollout step is strictly on-policy (pi_old = the policy being
+    # updated): take pi_old from the update's own forward (no separate old-log-prob pass).
+    on_policy_shortcut: bool = True
     impl: str = "auto"            # nft_kernels backend: auto | triton | torch
     mode: str = "auto"            # nft_kernels execution mode: auto | chunked | lean
 
@@ -134,6 +163,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -155,6 +185,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dapo": {"loss": "ppo", "advantage": "grpo", "clip_low": 0.2, "clip_high": 0.28,
                  "loss_agg": "token-mean", "dynamic_sampling": True},
 }
+
+
+CORRECTION_MODES = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 class ConfigError(ValueError):
@@ -279,10 +312,13 @@ def validate(cfg: Config) -> Config:
     choices = {
         "model.dtype": (cfg.model.dtype, ("float32", "bfloat16")),
         "model.compute_dtype": (cfg.model.compute_dtype, ("float32", "bfloat16", "auto")),
+        "data.source": (cfg.data.source, ("auto", "files", "synthetic", "reasoning_gym")),
         "data.format": (cfg.data.format, ("auto", "dapo", "math", "synthetic")),
         "data.template": (cfg.data.template, ("dapo", "boxed", "plain", "synthetic")),
-        "reward.kind": (cfg.reward.kind, ("auto", "math_verify", "dapo", "boxed", "synthetic")),
+        "reward.kind": (cfg.reward.kind, ("auto", "math_verify", "dapo", "boxed", "synthetic",
+                                          "reasoning_gym")),
         "rollout.backend": (cfg.rollout.backend, ("hf", "vllm")),
+        "rollout_correction.mode": (cfg.rollout_correction.mode, CORRECTION_MODES),
         "algo.loss": (cfg.algo.loss, ("nft", "ppo")),
         "algo.advantage": (cfg.algo.advantage, ("grpo", "dr_grpo")),
         "algo.loss_agg": (cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean",
@@ -299,6 +335,8 @@ def validate(cfg: Config) -> Config:
         "data.max_prompt_tokens": cfg.data.max_prompt_tokens,
         "data.synthetic_train_size": cfg.data.synthetic_train_size,
         "data.synthetic_digits": cfg.data.synthetic_digits,
+        "data.reasoning_gym.train_size": cfg.data.reasoning_gym.train_size,
+        "data.reasoning_gym.eval_size": cfg.data.reasoning_gym.eval_size,
         "reward.workers": cfg.reward.workers, "rollout.n": cfg.rollout.n,
         "rollout.max_new_tokens": cfg.rollout.max_new_tokens,
         "rollout.vllm_max_model_len": cfg.rollout.vllm_max_model_len,
@@ -326,6 +364,7 @@ def validate(cfg: Config) -> Config:
                        "algo.clip_negative": cfg.algo.clip_negative,
                        "algo.max_log_ratio": cfg.algo.max_log_ratio,
                        "rollout.temperature": cfg.rollout.temperature,
+                       "rollout_correction.cap": cfg.rollout_correction.cap,
                        "eval.temperature": cfg.eval.temperature}.items():
         _require(_finite(value) and value > 0, key, "must be a finite number > 0", value)
     for key, value in {"train.weight_decay": cfg.train.weight_decay,
@@ -357,6 +396,20 @@ def validate(cfg: Config) -> Config:
     _require(cfg.train.prompts_per_step % cfg.train.mini_batches_per_step == 0,
              "train.mini_batches_per_step", "must divide train.prompts_per_step",
              cfg.train.mini_batches_per_step)
+    _require(cfg.data.source != "files" or bool(cfg.data.train_files), "data.source",
+             "is files but data.train_files is empty", cfg.data.source)
+    _require(cfg.data.source != "reasoning_gym" or bool(cfg.data.reasoning_gym.tasks),
+             "data.reasoning_gym.tasks", "must name at least one task",
+             cfg.data.reasoning_gym.tasks)
+    gym_source, gym_reward = cfg.data.source == "reasoning_gym", cfg.reward.kind == "reasoning_gym"
+    _require(not gym_reward or gym_source, "reward.kind",
+             "is reasoning_gym, which grades only data.source reasoning_gym", cfg.reward.kind)
+    _require(not gym_source or cfg.reward.kind in ("auto", "reasoning_gym"), "reward.kind",
+             "must be auto or reasoning_gym with data.source reasoning_gym (each task has its "
+             "own scorer)", cfg.reward.kind)
+    _require(not gym_source or not cfg.eval.files, "eval.files",
+             "must be empty with data.source reasoning_gym (its held-out split is the eval set)",
+             cfg.eval.files)
     _require(bool(str(cfg.out_dir).strip()), "out_dir", "must not be empty", cfg.out_dir)
     return cfg
 

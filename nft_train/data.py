@@ -1,11 +1,13 @@
-"""Problems for training and evaluation: DAPO-Math-17k parquet, MATH-500-style jsonl, and the
-embedded synthetic arithmetic task used by the demo and the tests.
+"""Problems for training and evaluation: DAPO-Math-17k parquet, MATH-500-style jsonl,
+reasoning-gym's procedural tasks (optional extra), and the embedded synthetic arithmetic task
+used by the demo and the tests.
 
 A problem is a prompt (the full user message) and a ground-truth answer. Malformed rows are
 skipped and counted; a missing file or a dataset with no usable row is a clear error.
 """
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections import Counter
@@ -19,6 +21,14 @@ class Problem:
     prompt: str       # the user message, instruction included
     answer: str       # ground truth, compared by the reward
     source: str = ""  # file or task it came from
+    # What the scorer compares against when it needs more than the answer (reasoning-gym: the
+    # task name and its entry, as JSON); empty: the answer itself.
+    grading: str = ""
+
+    @property
+    def reference(self) -> str:
+        """What the reward function receives beside the response."""
+        return self.grading or self.answer
 
 
 class DataError(ValueError):
@@ -180,6 +190,82 @@ def synthetic_reward(response: str, answer: str) -> float:
     """Exact verifier of the embedded task: the first line must be the zero-padded sum."""
     first = response.strip().split("\n", 1)[0].strip() if response.strip() else ""
     return float(first == answer)
+
+
+# ---- reasoning-gym (pip install 'nft-kernels[gym]') -------------------------------------------
+def _gym():
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise DataError("data.source reasoning_gym needs the reasoning-gym package: "
+                        "pip install 'nft-kernels[gym]'") from err
+    return reasoning_gym
+
+
+def gym_task_names() -> list[str]:
+    from reasoning_gym.factory import DATASETS
+    return sorted(DATASETS)
+
+
+@functools.lru_cache(maxsize=32)
+def gym_dataset(name: str, config_json: str, seed: int, size: int):
+    """One reasoning-gym dataset (entries are generated on access, from seed and index)."""
+    return _gym().create_dataset(name, size=size, seed=seed, **json.loads(config_json))
+
+
+def parse_gym_task(spec) -> tuple[str, dict]:
+    """A task is a name ("chain_sum") or a mapping {"name": ..., **its config}."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, Mapping) and isinstance(spec.get("name"), str):
+        return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+    raise DataError(f"data.reasoning_gym.tasks: each task is a name or a mapping with a "
+                    f"'name' key, got {spec!r}")
+
+
+def reasoning_gym_problems(tasks: list, train_size: int, eval_size: int, seed: int,
+                           template: str) -> tuple[list[Problem], dict[str, list[Problem]]]:
+    """Train problems of every task and one held-out list per task, generated offline from the
+    installed package. Per task one dataset of ``train_size + eval_size`` entries is made with
+    ``seed``; the first ``eval_size`` are held out, and a training entry whose question equals a
+    held-out one (small procedural spaces repeat) is dropped, so the splits never overlap."""
+    gym = _gym()
+    known = gym_task_names()
+    if not tasks:
+        raise DataError("data.reasoning_gym.tasks is empty; name at least one task, e.g. "
+                        "[chain_sum]")
+    train: list[Problem] = []
+    held_out: dict[str, list[Problem]] = {}
+    for spec in tasks:
+        name, task_cfg = parse_gym_task(spec)
+        if name not in known:
+            close = [k for k in known if name.split("_")[0] in k][:8]
+            raise DataError(f"data.reasoning_gym.tasks: {name!r} is not a reasoning-gym task"
+                            + (f"; similar: {', '.join(close)}" if close else ""))
+        if name in held_out:
+            raise DataError(f"data.reasoning_gym.tasks: {name!r} is listed twice")
+        try:
+            dataset = gym_dataset(name, json.dumps(task_cfg, sort_keys=True), seed,
+                                  train_size + eval_size)
+        except (TypeError, ValueError, AssertionError) as err:
+            raise DataError(f"data.reasoning_gym.tasks: bad config for {name!r}: {err}") \
+                from None
+        size = train_size + eval_size
+        # The scorer regenerates the entry from (task, config, seed, size, index): entries can
+        # hold values JSON cannot (gsm_symbolic: Fraction), and regenerating is exact.
+        key = {"task": name, "config": task_cfg, "seed": seed, "size": size}
+
+        def problem(index: int, entry: dict) -> Problem:
+            return Problem(TEMPLATES[template].format(problem=entry["question"]),
+                           str(entry["answer"]), f"reasoning_gym/{name}",
+                           json.dumps({**key, "index": index}, sort_keys=True))
+
+        rows = [dataset[i] for i in range(size)]
+        held_out[name] = [problem(i, e) for i, e in enumerate(rows[:eval_size])]
+        seen = {e["question"] for e in rows[:eval_size]}
+        train += [problem(i, e) for i, e in enumerate(rows) if i >= eval_size
+                  and e["question"] not in seen]
+    return train, held_out
 
 
 class PromptStream:

@@ -14,7 +14,8 @@ def avg_at_k(engine, problems: list[EncodedProblem], scorer, k: int, temperature
     samples = engine.generate([list(p.prompt_ids) for p in problems], k, temperature, top_p,
                               max_new_tokens, seed)
     texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-    scores = scorer(texts, [problems[s.prompt_index].problem.answer for s in samples])
+    scores = scorer(texts, [problems[s.prompt_index].problem.reference
+                               for s in samples])
     solved = [0.0] * len(problems)
     for s, r in zip(samples, scores):
         solved[s.prompt_index] = max(solved[s.prompt_index], r)

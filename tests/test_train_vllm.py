@@ -54,3 +54,30 @@ def test_vllm_rollout_and_weight_sync_after_an_optimizer_step(tmp_path):
                                    rtol=0)
     finally:
         trainer.close()
+
+
+def test_vllm_sampled_log_probs_equal_the_trainers_at_t_0_7_after_a_sync(tmp_path):
+    """The engine's log-prob of each sampled token (processed: at the sampling temperature) is
+    the trainer's pi_old at rollout.temperature, before and after a step's weight push."""
+    model_dir = save_tiny(tmp_path / "model")
+    cfg = th.tiny_config(tmp_path / "run", rollout={"backend": "vllm", "temperature": 0.7},
+                         algo={"dynamic_sampling": False}, train={"lr": 3e-2, "steps": 1},
+                         model={"path": str(model_dir)},
+                         rollout_correction={"mode": "sequence_truncate"})
+    trainer = Trainer(cfg)
+    try:
+        prompt = trainer.tokenizer("12+34=", add_special_tokens=False)["input_ids"]
+        for _ in range(2):
+            samples = trainer.engine.generate([prompt], 8, 0.7, 1.0, 5, seed=2)
+            seqs = [Sequence(tuple(prompt), s.response_ids, 0.0, 0.5, 0.0, 1.0) for s in samples]
+            batch = collate(seqs, trainer.pad_id, trainer.info.device)
+            with torch.no_grad():
+                logp, _ = trainer.policy(batch, logprobs_only=True)
+            for row, s in enumerate(samples):
+                mine = logp[row][batch["loss_mask"][row]]
+                torch.testing.assert_close(torch.tensor(s.logprobs), mine, atol=2e-3, rtol=0)
+            metrics = trainer.train_step()     # samples, corrects, updates, pushes weights
+            assert 0 <= metrics["rollout_correction/mismatch_kl_k3"] < 1e-4
+            assert metrics["rollout_correction/is_ratio_mean"] == pytest.approx(1.0, abs=1e-2)
+    finally:
+        trainer.close()
