@@ -107,21 +107,12 @@ def warm_start(seed: int, work: Path, settings: dict) -> Path:
     return folder
 
 
-def _evaluate_at(trainer, temperature: float, top_p: float, tag: str) -> dict:
-    saved = trainer.cfg.eval
-    trainer.cfg.eval = dataclasses.replace(saved, temperature=temperature, top_p=top_p)
-    try:
-        return trainer.evaluate(tag)
-    finally:
-        trainer.cfg.eval = saved
-
-
 def _evals(trainer) -> dict:
     """Each of EVALS on every held-out set: accuracy and pass@k are means over the sets."""
     out = {}
     sets = list(trainer.eval_sets)
     for name, e in EVALS.items():
-        r = _evaluate_at(trainer, e["temperature"], e["top_p"], name)
+        r = trainer.evaluate(name, e["temperature"], e["top_p"])
         out[name] = {"accuracy": r[f"{name}/accuracy"],
                      "pass_at_k": statistics.fmean(r[f"{name}/{s}/pass_at_k"] for s in sets),
                      **e, "k": trainer.cfg.eval.k,
@@ -136,7 +127,7 @@ def heldout_entropy(trainer, problems: int, k: int, seed: int) -> float:
     algorithm keeps)."""
     import torch
 
-    from nft_train.loop import Sequence, collate
+    from nft_train.batch import Sequence, collate
 
     prompts = [p for group in zip(*trainer.eval_sets.values()) for p in group][:problems]
     samples = trainer.engine.generate([list(p.prompt_ids) for p in prompts], k, 1.0, 1.0,
@@ -266,7 +257,7 @@ def _accuracy(rec: dict) -> float:
 
 
 def summarize(records: list[dict], seeds: list[int], algorithms: list[str] = ALGORITHMS,
-              **describe) -> tuple[dict, dict, str]:
+              ablation_plan: list = ABLATIONS, **describe) -> tuple[dict, dict, str]:
     """summary.json (the issue's schema), the rest (table, paired differences, ablations) and
     the markdown tables (``describe``: markdown_tables' wording)."""
     runs = _by_seed(records)
@@ -300,7 +291,7 @@ def summarize(records: list[dict], seeds: list[int], algorithms: list[str] = ALG
                 "entropy": _paired(runs[name], nft, _final_entropy)}
         table[name] = row
     ablations = {}
-    for ablation, knob, values in ABLATIONS:
+    for ablation, knob, values in ablation_plan:
         points = []
         default = runs.get(ablation_run_name(knob, NFT_DEFAULTS[knob]), {})
         for v in values:

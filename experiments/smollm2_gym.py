@@ -50,16 +50,18 @@ ALGORITHMS = ["nft", "rft", "grpo", "dapo"]
 # The mix: small enough numbers that SmolLM2-135M-Instruct answers some right at T=1 (measured
 # by `base`, committed in base_accuracy.json), so groups hold right and wrong answers.
 TASKS = [
-    {"name": "gcd", "max_value": 50},
+    {"name": "gcd", "max_value": 20},
     {"name": "basic_arithmetic", "min_terms": 2, "max_terms": 2, "min_digits": 1,
-     "max_digits": 2, "operators": ["+", "-", "*"], "allow_parentheses": False,
+     "max_digits": 1, "operators": ["+", "-"], "allow_parentheses": False,
      "allow_negation": False},
+    {"name": "lcm", "max_value": 10},
 ]
 SETTINGS = {
-    "tasks": TASKS, "template": "plain", "train_size": 2000, "eval_size": 50, "data_seed": 0,
-    "steps": 15, "prompts_per_step": 16, "n": 8, "max_new_tokens": 64, "temperature": 1.0,
+    "tasks": TASKS, "template": "plain", "train_size": 2000, "eval_size": 30, "data_seed": 0,
+    "steps": 12, "prompts_per_step": 16, "n": 8, "max_new_tokens": 64, "temperature": 1.0,
     "mini_batches_per_step": 4, "max_gen_batches": 1, "lr": 1e-5, "warmup_steps": 2,
-    "micro_batch_size": 32, "eval_k": 4, "eval_every": 0, "probe_problems": 50, "probe_k": 4,
+    "micro_batch_size": 32, "eval_k": 4, "probe_problems": 48, "probe_k": 4,
+    "compute_dtype": "auto",
 }
 SMOKE = dict(SETTINGS, train_size=64, eval_size=4, steps=2, prompts_per_step=4, n=4,
              max_new_tokens=16, mini_batches_per_step=2, eval_k=2, probe_problems=4, probe_k=2)
@@ -71,7 +73,7 @@ def run_config(spec: RunSpec, settings: dict, work: Path, model: Path):
 
     cfg = Config(out_dir=str(work / spec.key))
     apply_preset(cfg, spec.algorithm)
-    cfg.model.path = str(model)
+    cfg.model.path, cfg.model.compute_dtype = str(model), settings["compute_dtype"]
     d = cfg.data
     d.source, d.template, d.max_prompt_tokens = "reasoning_gym", settings["template"], 256
     g = d.reasoning_gym
@@ -128,11 +130,18 @@ def run_one(spec: RunSpec, settings: dict, work: Path, model: Path) -> dict:
     trainer = Trainer(cfg)              # resumes from the newest checkpoint in out_dir
     try:
         rows = _rows(trainer.logger.metrics_path)
-        before = next((r["evals"] for r in rows if r["step"] == 0 and "evals" in r), None)
-        if before is None:
-            before_row = _checkpoint_eval(trainer, settings, spec.seed)
-            before = before_row["evals"]
-            trainer.logger.log(0, before_row)
+        if not any(r["step"] == 0 and "evals" in r for r in rows):
+            # The untrained model's evaluation is the same in every run of a seed (same
+            # checkpoint, same sampling seeds): measured once per seed, then reused.
+            shared = work / f"before_seed{spec.seed}.json"
+            saved = json.loads(shared.read_text()) if shared.is_file() else None
+            if saved is None or saved["settings"] != settings:
+                saved = {"settings": settings,
+                         "row": _checkpoint_eval(trainer, settings, spec.seed)}
+                shared.write_text(json.dumps(saved))
+            trainer.logger.log(0, saved["row"])
+        rows = _rows(trainer.logger.metrics_path)
+        before = next(r["evals"] for r in rows if r["step"] == 0 and "evals" in r)
         while trainer.step < cfg.train.steps:
             start = time.time()
             metrics = trainer.train_step()
@@ -210,7 +219,7 @@ def base_accuracy(settings: dict, model: Path, candidates: list, out: Path) -> d
 
 def write_report(records: list[dict], seeds: list[int], out: Path) -> str:
     summary, extra, table_md = summarize(
-        records, seeds, ALGORITHMS, problems_are="held-out reasoning-gym problems "
+        records, seeds, ALGORITHMS, [], problems_are="held-out reasoning-gym problems "
         f"({', '.join(t['name'] for t in SETTINGS['tasks'])})", start="SmolLM2-135M-Instruct")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / "table.json").write_text(json.dumps(extra["table"], indent=2) + "\n")

@@ -229,7 +229,7 @@ def reasoning_gym_problems(tasks: list, train_size: int, eval_size: int, seed: i
     installed package. Per task one dataset of ``train_size + eval_size`` entries is made with
     ``seed``; the first ``eval_size`` are held out, and a training entry whose question equals a
     held-out one (small procedural spaces repeat) is dropped, so the splits never overlap."""
-    gym = _gym()
+    _gym()   # a clear error when the extra is not installed
     known = gym_task_names()
     if not tasks:
         raise DataError("data.reasoning_gym.tasks is empty; name at least one task, e.g. "

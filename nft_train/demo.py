@@ -62,7 +62,7 @@ def sft_warm_start(model, tokenizer, problems, steps: int, batch_size: int, lr: 
                    seed: int, impl: str = "auto", mode: str = "auto") -> list[float]:
     """Maximize log p(answer + eos | prompt), through the trainer's own forward (the fused
     log-prob kernel is differentiable)."""
-    from .loop import Sequence, collate
+    from .batch import Sequence, collate
 
     encoded, _ = encode_problems(problems, tokenizer, 64)
     eos = tokenizer.eos_token_id

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +29,14 @@ from .actor import (
     resolve_compute_dtype,
     set_gradient_sync,
     shard,
+)
+from .batch import (
+    Sequence,
+    collate,
+    group_advantages,
+    rollout_correction,
+    split_even,
+    token_weights,
 )
 from .config import Config, save_resolved, to_dict
 from .data import (
@@ -51,98 +58,60 @@ class TrainingStopped(RuntimeError):
     """Too many non-finite losses in a row (train.max_bad_steps)."""
 
 
-@dataclass
-class Sequence:
-    prompt_ids: tuple[int, ...]
-    response_ids: list[int]
-    reward: float
-    correct_rate: float    # r_hat of its prompt's group
-    advantage: float       # for the PPO-clip baselines
-    weight: float = 0.0    # per-token aggregation weight (set per mini-batch)
-    rollout_logprobs: list[float] | None = None   # the sampler's, per response token
+class _UpdateStats:
+    """What one step's update measures, summed over its micro-batches (all ranks at the end):
+    entropy and ratio over the trained tokens, the sampler-trainer mismatch (and the rollout
+    correction it drives), losses, gradient norms, skipped updates."""
 
+    def __init__(self, correction):
+        self.correction = correction
+        self.sums = {"entropy": 0.0, "tokens": 0.0, "ratio": 0.0, "ratio_tokens": 0.0}
+        self.ratio_max = 0.0
+        self.mismatch: dict[str, float] = {}
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.skipped = 0
 
-# ---- pure pieces (tested directly) --------------------------------------------------------------
-def group_advantages(rewards: list[float], kind: str) -> list[float]:
-    """GRPO: (r - mean) / std with the population std (so that NFT with normalize=2 equals it
-    on-policy, Prop. 4.2); Dr. GRPO: r - mean. A group with no spread gets 0."""
-    mean = sum(rewards) / len(rewards)
-    centered = [r - mean for r in rewards]
-    if kind == "dr_grpo":
-        return centered
-    std = math.sqrt(sum(c * c for c in centered) / len(centered))
-    return [c / std if std > 0 else 0.0 for c in centered]
+    def add_old(self, batch: dict, entropy: torch.Tensor) -> None:
+        """pi_old is known for this micro-batch: entropy, mismatch, correction weights."""
+        counted = batch["loss_mask"] & (batch["token_weight"] > 0)
+        self.sums["entropy"] += float(entropy[counted].sum())
+        self.sums["tokens"] += float(counted.sum())
+        if "rollout_logprobs" in batch:
+            c = self.correction
+            for k, v in rollout_correction(batch, c.mode, c.cap).items():
+                self.mismatch[k] = max(self.mismatch.get(k, 0.0), v) if k == "w_max" \
+                    else self.mismatch.get(k, 0.0) + v
 
+    def add_ratios(self, batch: dict, logprobs: torch.Tensor) -> None:
+        counted = batch["loss_mask"] & (batch["token_weight"] > 0)
+        ratio = torch.exp(logprobs - batch["old_logprobs"])[counted]
+        self.sums["ratio"] += float(ratio.sum())
+        self.sums["ratio_tokens"] += float(ratio.numel())
+        if ratio.numel():
+            self.ratio_max = max(self.ratio_max, float(ratio.max()))
 
-def token_weights(lengths: list[int], mode: str, max_new_tokens: int) -> list[float]:
-    """The weight of each token of sequence i, so that sum(loss_t * weight) is the aggregated
-    loss over the whole mini-batch (verl's agg_loss modes; token-sum-norm is Dr. GRPO's constant)."""
-    n_seq = len(lengths)
-    n_tok = sum(lengths)
-    if mode == "token-mean":
-        return [1.0 / max(n_tok, 1)] * n_seq
-    if mode == "seq-mean-token-mean":
-        return [1.0 / (n_seq * max(n, 1)) for n in lengths]
-    if mode == "seq-mean-token-sum":
-        return [1.0 / n_seq] * n_seq
-    if mode == "token-sum-norm":
-        return [1.0 / (n_seq * max_new_tokens)] * n_seq
-    raise ValueError(f"unknown loss_agg {mode!r}")
-
-
-def collate(seqs: list[Sequence], pad_id: int, device) -> dict:
-    """Right-padded [B, L] ids; per-token tensors are [B, L - 1], aligned with the targets
-    ids[:, 1:], and count only the response's tokens."""
-    width = max(len(s.prompt_ids) + len(s.response_ids) for s in seqs)
-    b = len(seqs)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, width - 1), dtype=torch.bool)
-    per_seq = torch.tensor([[s.reward, s.correct_rate, s.advantage, s.weight] for s in seqs],
-                           dtype=torch.float32)
-    for row, s in enumerate(seqs):
-        full = list(s.prompt_ids) + s.response_ids
-        ids[row, :len(full)] = torch.tensor(full)
-        attn[row, :len(full)] = 1
-        mask[row, len(s.prompt_ids) - 1:len(full) - 1] = True
-    expand = mask.float()
-    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": mask,
-             "rewards": per_seq[:, 0:1] * expand, "correct_rate": per_seq[:, 1:2] * expand,
-             "advantages": per_seq[:, 2:3] * expand, "token_weight": per_seq[:, 3:4] * expand}
-    if all(s.rollout_logprobs is not None for s in seqs):
-        rollout = torch.zeros((b, width - 1), dtype=torch.float32)
-        for row, s in enumerate(seqs):
-            rollout[row, len(s.prompt_ids) - 1:len(s.prompt_ids) - 1 + len(s.response_ids)] = \
-                torch.tensor(s.rollout_logprobs, dtype=torch.float32)
-        batch["rollout_logprobs"] = rollout
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def rollout_correction(batch: dict, mode: str, cap: float) -> dict:
-    """Importance weights for the sampler-trainer mismatch, w = pi_old / pi_rollout per token
-    (or its product over the response for the sequence modes), truncated at ``cap`` or masked
-    above it, multiplied into ``batch["token_weight"]``; returns sums for the step's metrics:
-    the k3 estimate of KL(pi_rollout || pi_old) and the weight's statistics."""
-    counted = batch["loss_mask"] & (batch["token_weight"] > 0)
-    log_w = torch.where(counted, batch["old_logprobs"] - batch["rollout_logprobs"], 0.0)
-    sums = {"tokens": float(counted.sum()),
-            "k3": float((torch.expm1(log_w) - log_w)[counted].sum())}   # (w - 1) - log w
-    if mode == "off":
-        return sums
-    if mode.startswith("sequence"):
-        log_w = log_w.sum(dim=1, keepdim=True).expand_as(log_w)
-    w = torch.exp(log_w.clamp(max=80.0))   # a sequence product can overflow fp32: capped below
-    over = counted & (w > cap)
-    w_used = w.clamp(max=cap) if mode.endswith("truncate") else torch.where(over, 0.0, w)
-    batch["token_weight"] = batch["token_weight"] * torch.where(counted, w_used, 1.0)
-    sums.update(w_sum=float(w[counted].sum()), over=float(over.sum()),
-                w_max=float(w[counted].max()) if counted.any() else 0.0)
-    return sums
-
-
-def split_even(items: list, parts: int) -> list[list]:
-    size = math.ceil(len(items) / parts)
-    return [items[i * size:(i + 1) * size] for i in range(parts)]
+    def metrics(self, total, largest) -> dict:
+        """``total`` / ``largest``: sums and max over ranks."""
+        ent, tok, ratio, ratio_tok = total([self.sums[k] for k in
+                                            ("entropy", "tokens", "ratio", "ratio_tokens")])
+        out = {"train/entropy": ent / max(tok, 1), "train/tokens": tok,
+               "train/ratio_mean": ratio / max(ratio_tok, 1), "train/ratio_max": self.ratio_max}
+        if self.mismatch:
+            m = self.mismatch
+            keys = [k for k in ("tokens", "k3", "w_sum", "over") if k in m]
+            summed = dict(zip(keys, total([m[k] for k in keys])))
+            n = max(summed["tokens"], 1.0)
+            out["rollout_correction/mismatch_kl_k3"] = summed["k3"] / n
+            if "w_sum" in summed:
+                word = "clipped" if self.correction.mode.endswith("truncate") else "masked"
+                out.update({"rollout_correction/is_ratio_mean": summed["w_sum"] / n,
+                            "rollout_correction/is_ratio_max": largest(m["w_max"]),
+                            f"rollout_correction/{word}_fraction": summed["over"] / n})
+        if self.losses:
+            out["train/loss"] = sum(self.losses) / len(self.losses)
+            out["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        return out
 
 
 # ---- the trainer ---------------------------------------------------------------------------------
@@ -358,108 +327,75 @@ class Trainer:
                 for i in range(0, len(mine), mbs)]
 
     def _update(self, groups: list[list[Sequence]]) -> dict:
+        """The step's groups as ``mini_batches_per_step`` optimizer steps."""
         cfg = self.cfg
         minis = [[s for g in part for s in g] for part in
                  split_even(groups, min(cfg.train.mini_batches_per_step, len(groups)))]
         plans = [self._micro_batches(m) for m in minis if m]
-        correction = cfg.rollout_correction
         # One mini-batch: pi_old is the policy being updated, so the update's own forward gives
         # it (PolicyWithLoss without "old_logprobs" in the batch) - a whole forward pass saved.
         # A correction needs pi_old before the loss's weights are set: the pass stays then.
-        shortcut = cfg.train.on_policy_shortcut and len(plans) == 1 and correction.mode == "off"
-        sums = {"entropy": 0.0, "entropy_tokens": 0.0}
-        mismatch: dict[str, float] = {}
-
-        def account(batch: dict, entropy: torch.Tensor) -> None:
-            counted = batch["loss_mask"] & (batch["token_weight"] > 0)
-            sums["entropy"] += float(entropy[counted].sum())
-            sums["entropy_tokens"] += float(counted.sum())
-            if "rollout_logprobs" in batch:
-                for k, v in rollout_correction(batch, correction.mode, correction.cap).items():
-                    if k == "w_max":
-                        mismatch[k] = max(mismatch.get(k, 0.0), v)
-                    else:
-                        mismatch[k] = mismatch.get(k, 0.0) + v
-
+        shortcut = (cfg.train.on_policy_shortcut and len(plans) == 1
+                    and cfg.rollout_correction.mode == "off")
+        stats = _UpdateStats(cfg.rollout_correction)
         if not shortcut:
             with self.timer("old_logp"), torch.no_grad():
                 for plan in plans:
                     for batch in plan:
-                        logp, entropy = self.policy(batch, logprobs_only=True)
-                        batch["old_logprobs"] = logp
-                        account(batch, entropy)
-        stats = {"loss": [], "grad_norm": [], "skipped": 0}
-        ratio_sum = ratio_tok = 0.0
-        ratio_max = 0.0
+                        batch["old_logprobs"], entropy = self.policy(batch, logprobs_only=True)
+                        stats.add_old(batch, entropy)
         with self.timer("update"):
             for plan in plans:
-                self.optimizer.zero_grad(set_to_none=True)
-                loss_total = 0.0
-                for i, batch in enumerate(plan):
-                    set_gradient_sync(self.policy, i == len(plan) - 1)
-                    loss, st = self.policy(batch)
-                    if shortcut:
-                        account(batch, st["old_entropy"])
-                    # FSDP2 averages gradients over ranks; the weights already divide by the
-                    # global normalizer, so scale the average back to the sum.
-                    (loss * self.info.world).backward()
-                    loss_total += float(loss.detach())
-                    counted = batch["loss_mask"] & (batch["token_weight"] > 0)
-                    ratio = torch.exp(st["logprobs"] - batch["old_logprobs"])[counted]
-                    ratio_sum += float(ratio.sum())
-                    ratio_tok += float(ratio.numel())
-                    if ratio.numel():
-                        ratio_max = max(ratio_max, float(ratio.max()))
-                loss_total = self._sum([loss_total])[0]
-                norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
-                                                      cfg.train.grad_clip or float("inf"))
-                grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-                if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    stats["skipped"] += 1
-                    self.bad_steps += 1
-                    print(f"step {self.step + 1}: non-finite loss ({loss_total}) or grad norm "
-                          f"({grad_norm}); update skipped ({self.bad_steps} in a row)")
-                    if self.bad_steps >= cfg.train.max_bad_steps:
-                        raise TrainingStopped(
-                            f"{self.bad_steps} non-finite updates in a row "
-                            f"(train.max_bad_steps={cfg.train.max_bad_steps}); stopping")
-                    continue
-                self.bad_steps = 0
-                self.optimizer.step()
-                self.scheduler.step()
-                stats["loss"].append(loss_total)
-                stats["grad_norm"].append(grad_norm)
-        ent_sum, ent_tok, ratio_sum, ratio_tok = self._sum([sums["entropy"],
-                                                            sums["entropy_tokens"], ratio_sum,
-                                                            ratio_tok])
-        out = {"train/entropy": ent_sum / max(ent_tok, 1), "train/tokens": ent_tok,
-               "train/ratio_mean": ratio_sum / max(ratio_tok, 1), "train/ratio_max": ratio_max,
-               "train/skipped_updates": stats["skipped"], "train/lr": self.scheduler.get_last_lr()[0],
-               "train/on_policy_shortcut": float(shortcut)}
-        if mismatch:
-            out.update(self._mismatch_metrics(mismatch))
-        if stats["loss"]:
-            out["train/loss"] = sum(stats["loss"]) / len(stats["loss"])
-            out["train/grad_norm"] = sum(stats["grad_norm"]) / len(stats["grad_norm"])
+                self._optimizer_step(plan, shortcut, stats)
+        out = stats.metrics(self._sum, self._max)
+        out.update({"train/skipped_updates": stats.skipped,
+                    "train/lr": self.scheduler.get_last_lr()[0],
+                    "train/on_policy_shortcut": float(shortcut)})
         return out
 
-    def _mismatch_metrics(self, m: dict) -> dict:
-        """Sampler vs trainer, over the step's counted tokens (all ranks)."""
-        keys = [k for k in ("tokens", "k3", "w_sum", "over") if k in m]
-        total = dict(zip(keys, self._sum([m[k] for k in keys])))
-        if "w_max" in m and self.info.world > 1:
-            t = torch.tensor(m["w_max"], device=self.info.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            m["w_max"] = float(t)
-        n = max(total["tokens"], 1.0)
-        out = {"rollout_correction/mismatch_kl_k3": total["k3"] / n}
-        if "w_sum" in total:
-            word = "clipped" if self.cfg.rollout_correction.mode.endswith("truncate") else "masked"
-            out.update({"rollout_correction/is_ratio_mean": total["w_sum"] / n,
-                        "rollout_correction/is_ratio_max": m["w_max"],
-                        f"rollout_correction/{word}_fraction": total["over"] / n})
-        return out
+    def _optimizer_step(self, plan: list[dict], shortcut: bool, stats: _UpdateStats) -> None:
+        """Forward and backward over one mini-batch's micro-batches, then one optimizer step
+        (skipped, and counted towards train.max_bad_steps, when the loss or norm is not finite)."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = 0.0
+        for i, batch in enumerate(plan):
+            set_gradient_sync(self.policy, i == len(plan) - 1)
+            loss, st = self.policy(batch)
+            if shortcut:
+                stats.add_old(batch, st["old_entropy"])
+            # FSDP2 averages gradients over ranks; the weights already divide by the global
+            # normalizer, so scale the average back to the sum.
+            (loss * self.info.world).backward()
+            loss_total += float(loss.detach())
+            stats.add_ratios(batch, st["logprobs"])
+        loss_total = self._sum([loss_total])[0]
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
+                                              cfg.train.grad_clip or float("inf"))
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            stats.skipped += 1
+            self.bad_steps += 1
+            print(f"step {self.step + 1}: non-finite loss ({loss_total}) or grad norm "
+                  f"({grad_norm}); update skipped ({self.bad_steps} in a row)")
+            if self.bad_steps >= cfg.train.max_bad_steps:
+                raise TrainingStopped(f"{self.bad_steps} non-finite updates in a row "
+                                      f"(train.max_bad_steps={cfg.train.max_bad_steps}); "
+                                      "stopping")
+            return
+        self.bad_steps = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        stats.losses.append(loss_total)
+        stats.grad_norms.append(grad_norm)
+
+    def _max(self, value: float) -> float:
+        if self.info.world == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.float64, device=self.info.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
 
     def train_step(self) -> dict:
         step = self.step + 1
@@ -474,12 +410,17 @@ class Trainer:
         return metrics
 
     # -- evaluation, checkpoints, the run --
-    def evaluate(self, tag: str = "eval") -> dict:
+    def evaluate(self, tag: str = "eval", temperature: float | None = None,
+                 top_p: float | None = None) -> dict:
+        """avg@k and pass@k on every held-out set, at the ``eval`` section's decoding unless
+        ``temperature`` / ``top_p`` are given (e.g. the paper's T=0.6, top-p 0.7 beside T=1)."""
         e = self.cfg.eval
+        temperature = e.temperature if temperature is None else temperature
+        top_p = e.top_p if top_p is None else top_p
         results = {}
         for name, problems in self.eval_sets.items():
-            results[name] = avg_at_k(self.engine, problems, self.scorer, e.k, e.temperature,
-                                     e.top_p, e.max_new_tokens,
+            results[name] = avg_at_k(self.engine, problems, self.scorer, e.k, temperature,
+                                     top_p, e.max_new_tokens,
                                      call_seed(self.cfg.train.seed + 1, self.step, 0),
                                      self.tokenizer)
         flat = {f"{tag}/{name}/{k}": v for name, r in results.items() for k, v in r.items()

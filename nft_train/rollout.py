@@ -54,6 +54,32 @@ def call_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 31 - 1)
 
 
+class _SampledLogprobs:
+    """A logits processor that divides by the temperature and keeps the log-prob of each token
+    the sampler then draws (read on the next call, when the token is in ``input_ids``): one
+    [batch, vocab] distribution held at a time, not every step's scores."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.previous: torch.Tensor | None = None
+        self.picked: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        scores = scores / self.temperature
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[batch, new tokens] log-probs of the generated ids."""
+        if self.previous is not None:
+            self.picked.append(self.previous.gather(1, new_tokens[:, -1:].to(
+                self.previous.device)).squeeze(1))
+            self.previous = None
+        return torch.stack(self.picked, dim=1).cpu()
+
+
 class HFRollout:
     def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device,
                  max_batch: int = 256):
@@ -90,20 +116,25 @@ class HFRollout:
         for row, (_, p) in enumerate(requests):   # left padding: generation continues every row
             ids[row, width - len(p):] = torch.tensor(p)
             attn[row, width - len(p):] = 1
+        from transformers import LogitsProcessorList
+
+        # The temperature is applied by the recorder (the last processor; transformers would
+        # add its own warper after it), so it sees the distribution each token is drawn from.
+        recorder = _SampledLogprobs(temperature)
         out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
-            eos_token_id=self.eos, pad_token_id=self.pad, return_dict_in_generate=True,
-            output_scores=True)
-        new = out.sequences[:, width:]
-        # scores: the processed logits each token was drawn from (z / T, top-p applied)
-        logp = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)
-        picked = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1).tolist()
+            temperature=1.0, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
+            eos_token_id=self.eos, pad_token_id=self.pad,
+            logits_processor=LogitsProcessorList([recorder]))
+        new = out[:, width:]
+        # top-p truncates after the recorder: those log-probs would not be the sampler's
+        picked = recorder.finish(new).tolist() if top_p >= 1.0 else [None] * len(requests)
         samples = []
         for (index, _), row, lp in zip(requests, new.tolist(), picked):
             ends = [i for i, t in enumerate(row) if t in self.eos]
             if ends:
-                samples.append(Sample(index, row[:ends[0] + 1], False, lp[:ends[0] + 1]))
+                samples.append(Sample(index, row[:ends[0] + 1], False,
+                                      lp[:ends[0] + 1] if lp is not None else None))
             else:
                 samples.append(Sample(index, row, len(row) >= max_new_tokens, lp))
         return samples

@@ -136,17 +136,19 @@ def test_first_step_gradient_equals_trl_grpo(tmp_path, loss_type):
     assert not torch.allclose(nft[lm], grpo[lm], rtol=1e-2, atol=0.0)
 
 
-def _first_gradient_with_reference(tmp_path, trainer_cls, config_cls, name, beta):
+def _first_gradient_with_reference(tmp_path, trainer_cls, config_cls, name, beta,
+                                   reward=None, logs=None, **overrides):
     """The first gradient with TRL's KL penalty against a reference model 0.05 away from the
     policy (TRL builds its reference from the policy's path; it is then perturbed the same way
-    for every run, so the KL and its gradient are not zero)."""
+    for every run, so the KL and its gradient are not zero). ``logs``: a list that receives the
+    first step's logged metrics."""
     model, tokenizer = _model(seed=3)
     path = tmp_path / "policy"
     model.save_pretrained(path)
     catcher = FirstGradient()
     args = _args(tmp_path / name, config_cls, max_steps=1, max_grad_norm=0.0, beta=beta,
-                 loss_type="dapo")
-    trainer = trainer_cls(model=str(path), reward_funcs=positional_reward, args=args,
+                 loss_type="dapo", **overrides)
+    trainer = trainer_cls(model=str(path), reward_funcs=reward or positional_reward, args=args,
                           train_dataset=_dataset(), processing_class=tokenizer,
                           callbacks=[catcher])
     if trainer.ref_model is not None:
@@ -155,7 +157,70 @@ def _first_gradient_with_reference(tmp_path, trainer_cls, config_cls, name, beta
             for p in trainer.ref_model.parameters():
                 p.add_(0.05 * torch.randn(p.shape, generator=gen))
     trainer.train()
+    if logs is not None:
+        logs.append(next(h for h in trainer.state.log_history if "loss" in h))
     return catcher.grads
+
+
+def no_answer_right(completions, **_):
+    """Every group's answers all score 0: no group carries a policy signal."""
+    return [0.0] * len(completions)
+
+
+def some_groups_silent(completions, **_):
+    """Groups of 4: one right, none right, three right, all right - half without signal."""
+    pattern = [1.0, 0.0, 0.0, 0.0] + [0.0] * 4 + [1.0, 1.0, 1.0, 0.0] + [1.0] * 4
+    return [pattern[i % len(pattern)] for i in range(len(completions))]
+
+
+def test_groups_without_signal_keep_trls_entropy_bonus_and_kl(tmp_path):
+    """A step where no group has signal: GRPOTrainer's gradient is its entropy bonus and KL
+    penalty alone (A = 0), and so is NFTTrainer's now (it was zero); the logged loss, entropy
+    and kl agree too."""
+    logs, grads = {}, {}
+    for cls, cfg in ((trl.GRPOTrainer, trl.GRPOConfig), (NFTTrainer, NFTConfig)):
+        found = []
+        grads[cls.__name__] = _first_gradient_with_reference(
+            tmp_path, cls, cfg, cls.__name__, 0.2, reward=no_answer_right, logs=found,
+            entropy_coef=0.05)
+        logs[cls.__name__] = found[0]
+    theirs, ours = grads["GRPOTrainer"], grads["NFTTrainer"]
+    scale = max(g.abs().max().item() for g in theirs.values())
+    assert scale > 1e-4
+    for name, g in theirs.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-3, atol=1e-5 * scale,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    grpo, nft = logs["GRPOTrainer"], logs["NFTTrainer"]
+    assert nft["nft/signal_fraction"] == 0.0
+    for key in ("loss", "entropy", "kl"):
+        assert nft[key] == pytest.approx(grpo[key], rel=1e-4, abs=1e-7), key
+    assert grpo["loss"] != 0.0
+
+
+def test_entropy_bonus_covers_groups_without_signal(tmp_path):
+    """Half the groups without signal: the entropy part of the first gradient (two
+    coefficients' difference) is still TRL's own, and the logged entropy is TRL's (every
+    completion token)."""
+    runs, logs = {}, {}
+    for cls, cfg in ((trl.GRPOTrainer, trl.GRPOConfig), (NFTTrainer, NFTConfig)):
+        for coef in (0.1, 0.3):
+            found = []
+            runs[cls.__name__, coef] = _first_gradient_with_reference(
+                tmp_path, cls, cfg, f"{cls.__name__}-{coef}", 0.0, reward=some_groups_silent,
+                logs=found, entropy_coef=coef)
+            logs[cls.__name__, coef] = found[0]
+    theirs = {n: runs["GRPOTrainer", 0.3][n] - g for n, g in runs["GRPOTrainer", 0.1].items()}
+    ours = {n: runs["NFTTrainer", 0.3][n] - g for n, g in runs["NFTTrainer", 0.1].items()}
+    assert max(g.abs().max().item() for g in theirs.values()) > 1e-5
+    for name, g in theirs.items():
+        error = (ours[name] - g).norm().item()
+        assert error <= 1e-3 * g.norm().item() + 1e-9, f"{name}: {error} vs {g.norm().item()}"
+    nft, grpo = logs["NFTTrainer", 0.1], logs["GRPOTrainer", 0.1]
+    assert nft["nft/signal_fraction"] == pytest.approx(0.5)
+    assert nft["entropy"] == pytest.approx(grpo["entropy"], rel=1e-5)
+    for key in ("clip_ratio/region_mean", "clip_ratio/negative_mean",
+                "clip_ratio/max_log_ratio_mean"):
+        assert nft[key] == 0.0, key          # on-policy: R = 1, nothing is clipped
 
 
 def test_kl_penalty_gradient_equals_trl_grpo(tmp_path):
@@ -207,6 +272,38 @@ def test_unsupported_settings_name_the_argument(tmp_path, field, value, needle):
 def test_entropy_bonus_refused_where_it_cannot_be_exact(tmp_path):
     with pytest.raises(ValueError, match="entropy_coef.*loss_type='grpo'"):
         _args(tmp_path, NFTConfig, entropy_coef=0.01, loss_type="grpo")
+
+
+def test_nft_field_errors_name_the_config_field(tmp_path):
+    with pytest.raises(ValueError, match=r"nft_normalize must be one of \(0, 1, 2\), got 3"):
+        _args(tmp_path, NFTConfig, nft_normalize=3)
+    with pytest.raises(ValueError, match="nft_clip_negative"):
+        _args(tmp_path, NFTConfig, nft_clip_negative=-1.0)
+
+
+def test_grpo_only_settings_warn_once_naming_each(tmp_path):
+    model, tokenizer = _model()
+    args = _args(tmp_path, NFTConfig, epsilon=0.3, epsilon_high=0.28, scale_rewards="none")
+    with pytest.warns(UserWarning) as caught:
+        NFTTrainer(model=model, reward_funcs=exact_sum, args=args, train_dataset=_dataset(),
+                   processing_class=tokenizer)
+    ours = [str(w.message) for w in caught if "NFTTrainer" in str(w.message)]
+    assert len(ours) == 1
+    for needle in ("epsilon=0.3", "epsilon_high=0.28", "scale_rewards='none'"):
+        assert needle in ours[0]
+
+
+@pytest.mark.parametrize("weights, needle", [
+    ([1.0, 1.0], r"sum to 2.*reward_weights=\[0.5, 0.5\]"),
+    ([1.0, -0.5], "must not be negative"),
+])
+def test_reward_weights_that_can_leave_the_unit_interval_are_refused_at_construction(
+        tmp_path, weights, needle):
+    model, tokenizer = _model()
+    with pytest.raises(ValueError, match=needle):
+        NFTTrainer(model=model, reward_funcs=[exact_sum, digit_credit],
+                   args=_args(tmp_path, NFTConfig, reward_weights=weights),
+                   train_dataset=_dataset(), processing_class=tokenizer)
 
 
 def test_rewards_outside_unit_interval_are_refused(tmp_path):

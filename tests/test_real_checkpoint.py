@@ -16,7 +16,8 @@ from nft_kernels import fused_linear_nft_loss
 from nft_kernels.reference import reference_nft_from_logprobs, reference_nft_loss
 from nft_kernels.reference import reference_with_grads
 from nft_train.config import Config, apply_preset, validate
-from nft_train.loop import Sequence, Trainer, collate
+from nft_train.batch import Sequence, collate
+from nft_train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "smollm2-135m-instruct"

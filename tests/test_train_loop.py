@@ -14,7 +14,8 @@ import torch
 import train_helpers as th
 
 from nft_train import checkpoint as ckpt
-from nft_train.loop import Trainer, TrainingStopped, group_advantages, token_weights
+from nft_train.batch import group_advantages, token_weights
+from nft_train.loop import Trainer, TrainingStopped
 from nft_train.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,7 +174,11 @@ def _train_cmd(model_dir, out_dir):
             "rollout.n=4", "rollout.max_new_tokens=5", "train.prompts_per_step=8",
             "train.steps=6", "train.lr=1e-3", "train.impl=torch", "checkpoint.every=1",
             "checkpoint.keep_last=10", "eval.synthetic_size=8", "eval.max_new_tokens=5",
-            "algo.dynamic_sampling=false", "log.progress=false"]
+            "algo.dynamic_sampling=false", "log.progress=false",
+            # off-policy mini-batches and a rollout correction: what a resume must restore
+            # includes the sampler's log-probs of the interrupted step
+            "train.mini_batches_per_step=2", "rollout_correction.mode=token_truncate",
+            "rollout_correction.cap=1.001"]
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path):
@@ -202,6 +207,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
     assert a["data"] == b["data"]
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all("rollout_correction/clipped_fraction" in r for r in rows if "train/loss" in r)
     # ...and training did move the weights, so the comparison means something.
     from safetensors.torch import load_file
     initial = load_file(model_dir / "model.safetensors")
@@ -222,7 +230,7 @@ def test_cli_rejects_bad_config_with_the_key_named(tmp_path):
 def test_trainer_scores_tokens_at_the_rollout_temperature(tmp_path):
     """The policy that sampled at T draws from softmax(z / T): the trainer's log-probs (old
     ones, and those of the update) are of that policy, not of T = 1 (TRL #4159)."""
-    from nft_train.loop import collate
+    from nft_train.batch import collate
 
     trainer = _trainer(tmp_path, rollout={"temperature": 0.7})
     seqs = [s for g in th.fixed_groups(trainer.tokenizer) for s in g]

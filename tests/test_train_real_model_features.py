@@ -13,7 +13,8 @@ from nft_kernels import fused_linear_nft_loss
 from nft_train.actor import PolicyWithLoss, resolve_compute_dtype
 from nft_train.config import ConfigError, load_config
 from nft_train.data import Problem, encode_problems
-from nft_train.loop import Trainer, collate
+from nft_train.batch import collate
+from nft_train.loop import Trainer
 from nft_train.rollout import HFRollout, eos_ids
 from nft_train.tiny import DEFAULT_SYSTEM, IM_END, build_chat_tokenizer, build_tokenizer
 

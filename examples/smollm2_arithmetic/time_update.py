@@ -6,8 +6,11 @@ forward + backward with the fused NFT loss, in four settings:
   fp32, chunked mode, reduction="none"               per-token upstream gradients: recompute
   fp32, chunked mode, token_weights                  one weighted sum: gradients in the forward
   bf16 autocast, chunked mode, token_weights         what the example runs (model.compute_dtype)
+  the same, on-policy shortcut                       no old-log-prob pass: pi_old comes from
+                                                     the update's own forward (one mini-batch)
 
     python examples/smollm2_arithmetic/time_update.py --model models/smollm2-135m-instruct
+    python examples/smollm2_arithmetic/time_update.py --only 3 4 --repeats 3   # the shortcut
 
 Token ids are random (timing only). Times are one run each on an otherwise idle machine; the
 old log-probs (forward only) are timed too.
@@ -27,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import nft_kernels
 from nft_train.actor import PolicyWithLoss
 from nft_train.config import Config
-from nft_train.loop import Sequence, collate
+from nft_train.batch import Sequence, collate
 
 
 class ReductionNone(PolicyWithLoss):
@@ -50,6 +53,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
     parser.add_argument("--out", type=Path, default=None, help="write the timings as JSON")
+    parser.add_argument("--only", type=int, nargs="+", default=None,
+                        help="settings to time, by index (0-4; default all)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="times per setting, interleaved; the median is reported")
     args = parser.parse_args(argv)
     rng = random.Random(0)
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -65,23 +72,38 @@ def main(argv=None) -> int:
         ("fp32, chunked, token_weights (grads in forward)", PolicyWithLoss, torch.float32,
          "chunked"),
         ("bf16 autocast, chunked, token_weights", PolicyWithLoss, torch.bfloat16, "chunked"),
+        ("bf16 autocast, chunked, token_weights, on-policy shortcut", PolicyWithLoss,
+         torch.bfloat16, "chunked"),
     ]
+    chosen = args.only if args.only is not None else list(range(len(settings)))
+    times: dict[int, list[tuple[float, float]]] = {i: [] for i in chosen}
+    for _ in range(args.repeats):   # interleaved: a busy machine slows every setting alike
+        for i in chosen:
+            label, cls, dtype, mode = settings[i]
+            shortcut = "shortcut" in label
+            policy = cls(model, algo, "torch", dtype, mode)
+            with torch.no_grad():
+                batch["old_logprobs"], _ = policy(batch, logprobs_only=True)   # warm-up
+            t0 = time.perf_counter()
+            if shortcut:
+                del batch["old_logprobs"]   # the update's forward computes pi_old itself
+            else:
+                with torch.no_grad():
+                    policy(batch, logprobs_only=True)
+            t1 = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            loss, _ = policy(batch)
+            loss.backward()
+            t2 = time.perf_counter()
+            times[i].append((t1 - t0, t2 - t1))
+            print(f"{label:58s} old log-probs {t1 - t0:6.2f} s   update {t2 - t1:6.2f} s",
+                  flush=True)
     rows = []
-    for label, cls, dtype, mode in settings:
-        policy = cls(model, algo, "torch", dtype, mode)
-        with torch.no_grad():
-            batch["old_logprobs"], _ = policy(batch, logprobs_only=True)   # warm-up
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            policy(batch, logprobs_only=True)
-        t1 = time.perf_counter()
-        model.zero_grad(set_to_none=True)
-        loss, _ = policy(batch)
-        loss.backward()
-        t2 = time.perf_counter()
-        rows.append(dict(setting=label, old_logp_s=round(t1 - t0, 2), update_s=round(t2 - t1, 2)))
-        print(f"{label:50s} old log-probs {t1 - t0:6.2f} s   update {t2 - t1:6.2f} s",
-              flush=True)
+    for i in chosen:
+        old = sorted(t for t, _ in times[i])[len(times[i]) // 2]
+        upd = sorted(t for _, t in times[i])[len(times[i]) // 2]
+        rows.append(dict(setting=settings[i][0], old_logp_s=round(old, 2), update_s=round(upd, 2),
+                         total_s=round(old + upd, 2), repeats=args.repeats))
     tokens = int(batch["loss_mask"].sum())
     if args.out:
         args.out.write_text(json.dumps(dict(rows=rows, answer_tokens=tokens,

@@ -22,25 +22,39 @@ gives it zero advantage) and, as in TRL, still counts in the token normalizer.
 x = ref - logp per token (``kl_estimator="k3_unclipped"``; times the token's ratio with TRL's
 ``use_bias_correction_kl``, its default), aggregated like the loss; TRL computes the reference
 log-probs as for GRPO. One difference: with vLLM's importance-sampling
-correction on, that weight multiplies the KL term too (TRL applies it to the policy term only);
-and tokens of groups whose answers all agree, which carry no NFT signal, are left out of the
-KL term as of the loss (TRL penalises them too).
+correction on, that weight multiplies the KL term too (TRL applies it to the policy term only).
+Tokens of groups whose answers all agree carry no NFT signal (GRPO: A = 0) but do carry the KL
+penalty and the entropy bonus, as in TRL: they go through a second fused call whose policy term
+is exactly zero (r = 0 with neg_weight = 0), so the KL and entropy terms cover every completion
+token, as TRL's do.
 
 ``entropy_coef`` (TRL's entropy bonus, - c times the token mean of the entropy) works with
 ``loss_type`` "dapo", "bnpo" and "dr_grpo" without vLLM's importance-sampling correction (then
 every token's weight is one multiple of the token mean's, and the coefficient is rescaled).
 
+Logged beside TRL's own keys, meaning what GRPOTrainer's mean: ``entropy`` (over every
+completion token), ``kl`` (with ``beta != 0``), and ``clip_ratio/*`` for NFT's own clips:
+``clip_ratio/negative_mean`` (negative tokens whose implicit negative policy is held at
+epsilon), ``clip_ratio/max_log_ratio_mean`` (tokens whose log-ratio reached
+``nft_max_log_ratio``), ``clip_ratio/region_mean`` (either); ``nft/signal_fraction`` is the
+share of completions in groups with mixed rewards. On-policy steps (``num_iterations=1``, the
+first iteration otherwise) log ``loss`` 0: R = 1 and -log 1 = 0, while the gradient is not
+zero (a note says so once).
+
 Not supported (a clear error at construction): the entropy bonus with ``loss_type="grpo"`` or
 with vLLM's importance-sampling correction, the adaptive entropy controller, high-entropy token
 masks, ``importance_sampling_level="sequence"`` (NFT's ratio is per token), the
 off-policy mask, two-sided clipping (``delta``), loss types other than the four above,
-DeepSpeed ZeRO-3.
-GRPO-only knobs (``epsilon``, ``scale_rewards``) have no effect on NFT.
+DeepSpeed ZeRO-3, reward weights whose weighted sum can leave [0, 1].
+GRPO-only knobs (``epsilon``, ``epsilon_high``, ``scale_rewards``) have no effect on NFT: set
+to anything but their defaults they draw one warning at construction.
 """
 from __future__ import annotations
 
 import functools
+import re
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +69,42 @@ from ..api import _nft_spec, fused_linear_logprobs, fused_linear_nft_loss
 from . import NFT_LOSS_DEFAULTS
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# the loss's argument -> the NFTConfig field that sets it (for error messages)
+CONFIG_FIELDS = {"neg_weight": "nft_neg_weight", "normalize": "nft_normalize",
+                 "clip_negative": "nft_clip_negative", "rate_clamp": "nft_rate_clamp",
+                 "max_log_ratio": "nft_max_log_ratio"}
+# GRPO's knobs that NFT's loss does not read, with GRPOConfig's defaults
+GRPO_ONLY = {"epsilon": 0.2, "epsilon_high": None, "scale_rewards": "group"}
+
+
+def warn_grpo_only(args) -> list[str]:
+    """One warning naming each GRPO-only setting changed from its default (a ported DAPO
+    recipe's clip-higher or reward scaling would otherwise do nothing, silently)."""
+    changed = [f"{name}={getattr(args, name)!r}" for name, default in GRPO_ONLY.items()
+               if getattr(args, name, default) != default]
+    if changed:
+        warnings.warn(f"NFTTrainer: {', '.join(changed)} have no effect on the NFT loss (GRPO's "
+                      "PPO clip and reward scaling; NFT's clip is nft_clip_negative and its "
+                      "prompt weight nft_normalize)", UserWarning, stacklevel=3)
+    return changed
+
+
+def check_reward_weights(weights, names) -> None:
+    """NFT needs each completion's reward in [0, 1]. With reward functions that return [0, 1]
+    (binary verifiers), the weighted sum stays there only if no weight is negative and the
+    weights sum to at most 1; refuse other weights now rather than mid-run."""
+    weights = [float(w) for w in weights]
+    listed = ", ".join(f"{n}: {w:g}" for n, w in zip(names, weights))
+    if any(w < 0 for w in weights):
+        raise ValueError(f"NFTTrainer: reward_weights must not be negative for NFT (rewards are "
+                         f"in [0, 1], 1 = correct); got {listed}. Make the reward function "
+                         f"return 1 - its value instead of weighting it negatively.")
+    total = sum(weights)
+    if total > 1 + 1e-6:
+        fixed = ", ".join(f"{w / total:.3g}" for w in weights)
+        raise ValueError(f"NFTTrainer: reward_weights sum to {total:g}, so the weighted reward "
+                         f"can exceed 1 (NFT needs rewards in [0, 1]); got {listed}. Scale them "
+                         f"to sum to 1: reward_weights=[{fixed}].")
 
 
 @dataclass
@@ -113,8 +163,14 @@ def check_supported(args) -> dict:
     if len(rate_clamp) != 2:
         raise ValueError(f"nft_rate_clamp must be two numbers [low, high], got "
                          f"{args.nft_rate_clamp!r}")
-    _nft_spec(args.nft_neg_weight, args.nft_normalize, args.nft_clip_negative, rate_clamp,
-              args.nft_max_log_ratio)          # raises ValueError naming the bad value
+    try:
+        _nft_spec(args.nft_neg_weight, args.nft_normalize, args.nft_clip_negative, rate_clamp,
+                  args.nft_max_log_ratio)
+    except ValueError as err:   # the kernel names its argument; the user set the config field
+        message = str(err)
+        for kernel, config in CONFIG_FIELDS.items():
+            message = re.sub(rf"(?<![\w.]){kernel}\b", config, message)
+        raise ValueError(f"NFTConfig: {message}") from None
     return {"neg_weight": args.nft_neg_weight, "normalize": args.nft_normalize,
             "clip_negative": args.nft_clip_negative, "rate_clamp": rate_clamp,
             "max_log_ratio": args.nft_max_log_ratio}
@@ -152,6 +208,9 @@ class NFTTrainer(GRPOTrainer):
                     else default.default
                 setattr(self.args, name, value)
         self._nft_loss_kwargs = check_supported(self.args)
+        warn_grpo_only(self.args)
+        check_reward_weights(self.reward_weights.tolist(), self.reward_func_names)
+        self._nft_noted_zero_loss = False
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         if is_deepspeed_zero3_enabled():
             raise ValueError("NFTTrainer: DeepSpeed ZeRO-3 is not supported (the fused loss reads "
@@ -232,28 +291,59 @@ class NFTTrainer(GRPOTrainer):
                          kl_bias_correction=bool(getattr(self.args, "use_bias_correction_kl",
                                                          False)))
 
+        # Completion tokens of groups with no signal: no policy term (GRPO: A = 0), but TRL's
+        # KL and entropy terms and its logged entropy cover them.
+        silent = mask.bool() & ~signal[:, None]
+        regularized = bool(terms)
+        if old is None and not self._nft_noted_zero_loss and self.model.training:
+            self._nft_noted_zero_loss = True
+            print("NFTTrainer: on-policy steps log loss 0 (R = 1 and -log 1 = 0); the gradient "
+                  "is not zero - watch grad_norm, reward and nft/signal_fraction")
+
         def head(hidden, lm_head):
             hidden = hidden[:, -width - 1:-1]          # the positions that predict the completion
             weight, bias = lm_head.weight, lm_head.bias
             if hasattr(weight, "full_tensor"):         # FSDP2 shards: gather the head once
                 weight = weight.full_tensor()
                 bias = bias.full_tensor() if bias is not None else None
+            common = dict(bias=bias, temperature=temperature, impl=impl)
             old_logp = old
-            if old_logp is None:                       # on-policy: the same kernel, so R == 1
+            if old_logp is None:
+                # on-policy: the same kernel on the same rows as each loss call, so R == 1
                 with torch.no_grad():
-                    old_logp = fused_linear_logprobs(hidden, weight, completion_ids, mask=counted,
-                                                     bias=bias, temperature=temperature, impl=impl)
-            return fused_linear_nft_loss(hidden, weight, completion_ids, old_logp,
-                                         per_token["rewards"], per_token["rate"], counted,
-                                         bias=bias, temperature=temperature,
-                                         token_weights=weights, reduction="sum", impl=impl,
-                                         return_stats=True, **terms, **loss_kwargs)
+                    old_logp = fused_linear_logprobs(hidden, weight, completion_ids,
+                                                     mask=counted, **common)
+                    if regularized and silent.any():
+                        old_logp = torch.where(silent, fused_linear_logprobs(
+                            hidden, weight, completion_ids, mask=silent, **common), old_logp)
+            loss, stats = fused_linear_nft_loss(
+                hidden, weight, completion_ids, old_logp, per_token["rewards"], per_token["rate"],
+                counted, token_weights=weights, reduction="sum", return_stats=True, **common,
+                **terms, **loss_kwargs)
+            if silent.any():
+                if regularized:   # r = 0 with neg_weight = 0: the policy term is exactly 0
+                    extra, silent_stats = fused_linear_nft_loss(
+                        hidden, weight, completion_ids, old_logp, torch.zeros_like(weights),
+                        per_token["rate"], silent, token_weights=weights, reduction="sum",
+                        return_stats=True, **common, **terms,
+                        **dict(loss_kwargs, neg_weight=0.0, normalize=0))
+                    loss = loss + extra
+                else:             # only the logged entropy needs them: forward only
+                    with torch.no_grad():
+                        logp, entropy = fused_linear_logprobs(
+                            hidden, weight, completion_ids, mask=silent, return_entropy=True,
+                            **common)
+                    silent_stats = {"logprobs": logp, "entropy": entropy}
+                stats = {k: torch.where(silent, silent_stats[k], stats[k])
+                         for k in ("logprobs", "entropy")}
+            stats["old_logprobs"] = old_logp
+            return loss, stats
 
         loss, stats = model(input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
                             attention_mask=torch.cat([inputs["prompt_mask"],
                                                       inputs["completion_mask"]], dim=1),
                             nft_head=head)
-        self._log_nft_metrics(stats, counted, signal)
+        self._log_nft_metrics(stats, inputs, mask.bool(), counted, signal)
         return loss
 
     def _token_weights(self, mask, inputs):
@@ -275,12 +365,34 @@ class NFTTrainer(GRPOTrainer):
                 / self.args.steps_per_generation
         return mask / normalizer                                       # "dapo"
 
-    def _log_nft_metrics(self, stats, counted, signal) -> None:
+    def _log_nft_metrics(self, stats, inputs, mask, counted, signal) -> None:
+        """TRL's keys with TRL's meaning (token means over every completion token of all
+        processes), and NFT's clips under clip_ratio/."""
         mode = "train" if self.model.training else "eval"
-        sums = torch.stack([(stats["entropy"] * counted).sum(), counted.sum().float(),
-                            signal.float().sum(), torch.tensor(float(signal.numel()),
-                                                               device=signal.device)])
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        # entropy over the tokens trained on (TRL's GRPO logs it over every completion token)
-        self._metrics[mode]["entropy"].append((sums[0] / sums[1].clamp(min=1)).item())
-        self._metrics[mode]["nft/signal_fraction"].append((sums[2] / sums[3]).item())
+        logp, old = stats["logprobs"].float(), stats["old_logprobs"].float()
+        log_ratio = logp - old
+        rewards = inputs["nft_rewards"].nan_to_num(0.5)[:, None]
+        rate = inputs["nft_correct_rate"].nan_to_num(0.5)[:, None].clamp(
+            *self._nft_loss_kwargs["rate_clamp"])
+        ratio = torch.exp(log_ratio.clamp(max=self._nft_loss_kwargs["max_log_ratio"]))
+        # Eq. 8's negative term holds (1 - r_hat R)/(1 - r_hat) at epsilon where it falls below
+        negative = counted & (rewards < 1)
+        held = negative & ((1 - rate * ratio) / (1 - rate) < self._nft_loss_kwargs["clip_negative"])
+        capped = counted & (log_ratio >= self._nft_loss_kwargs["max_log_ratio"])
+        parts = [(stats["entropy"] * mask).sum(), mask.sum().float(),
+                 held.sum().float(), capped.sum().float(), (held | capped).sum().float(),
+                 signal.float().sum(),
+                 torch.tensor(float(signal.numel()), device=signal.device)]
+        if self.beta != 0.0:   # TRL's per_token_kl: e^x - x - 1, x = ref - logp
+            x = inputs["ref_per_token_logps"].float() - logp
+            parts.append(((torch.exp(x) - x - 1) * mask).sum())
+        sums = self.accelerator.reduce(torch.stack(parts), reduction="sum").tolist()
+        metrics = self._metrics[mode]
+        tokens = max(sums[1], 1.0)   # fractions of all completion tokens, as TRL's clip_ratio
+        metrics["entropy"].append(sums[0] / tokens)
+        metrics["clip_ratio/negative_mean"].append(sums[2] / tokens)
+        metrics["clip_ratio/max_log_ratio_mean"].append(sums[3] / tokens)
+        metrics["clip_ratio/region_mean"].append(sums[4] / tokens)
+        metrics["nft/signal_fraction"].append(sums[5] / sums[6])
+        if self.beta != 0.0:
+            metrics["kl"].append(sums[7] / tokens)
