@@ -120,26 +120,6 @@ def _evals(trainer) -> dict:
     return out
 
 
-def heldout_entropy(trainer, problems: int, k: int, seed: int) -> float:
-    """Mean per-token entropy (nats) of the policy on its own T=1 answers to the first
-    ``problems`` held-out prompts (of every held-out set in turn): one probe, measured the same
-    way for every algorithm (the trainer's ``train/entropy`` covers only the prompts each
-    algorithm keeps)."""
-    import torch
-
-    from nft_train.batch import Sequence, collate
-
-    prompts = [p for group in zip(*trainer.eval_sets.values()) for p in group][:problems]
-    samples = trainer.engine.generate([list(p.prompt_ids) for p in prompts], k, 1.0, 1.0,
-                                      trainer.cfg.eval.max_new_tokens, seed)
-    batch = collate([Sequence(prompts[s.prompt_index].prompt_ids, s.response_ids, 0.0, 0.5, 0.0)
-                     for s in samples], trainer.pad_id, torch.device("cpu"))
-    with torch.no_grad():
-        _, entropy = trainer.policy(batch, logprobs_only=True)
-    mask = batch["loss_mask"]
-    return float(entropy[mask].sum() / mask.sum())
-
-
 def run_one(spec: RunSpec, warm_dir: str, work: str, settings: dict, threads: int) -> dict:
     """Train one (algorithm, seed) from the seed's warm start with the trainer's own step;
     return its record (evaluations before and after, every curve)."""
@@ -185,7 +165,7 @@ def run_one(spec: RunSpec, warm_dir: str, work: str, settings: dict, threads: in
         if t1_accuracy is None:
             t1_accuracy = trainer.evaluate()["eval/accuracy"]
         curves["heldout_accuracy_t1"].append([step, t1_accuracy])
-        ent = heldout_entropy(trainer, probe["problems"], probe["k"], 10_000 + spec.seed)
+        ent = trainer.answer_entropy(probe["problems"], probe["k"], 10_000 + spec.seed)
         curves["entropy_heldout"].append([step, ent])
         return {"eval/accuracy": t1_accuracy, "eval/entropy": ent}
 

@@ -38,7 +38,6 @@ from experiments.reproduce import (
     _evals,
     _git_commit,
     _invocations,
-    heldout_entropy,
     plan,
     plot_all,
     summarize,
@@ -115,8 +114,8 @@ def _checkpoint_eval(trainer, settings: dict, seed: int) -> dict:
     evals = _evals(trainer)
     flat = {f"{name}/{k}": v for name, r in evals.items() for k, v in r.items()
             if k in ("accuracy", "pass_at_k")}
-    flat["probe/entropy"] = heldout_entropy(trainer, settings["probe_problems"],
-                                            settings["probe_k"], 10_000 + seed)
+    flat["probe/entropy"] = trainer.answer_entropy(settings["probe_problems"],
+                                                   settings["probe_k"], 10_000 + seed)
     return {"evals": evals, **flat}
 
 

@@ -48,7 +48,7 @@ def _eval(args) -> int:
     from .actor import load_model_and_tokenizer
     from .config import Config, validate
     from .data import encode_problems, load_file
-    from .eval import avg_at_k
+    from .evaluation import avg_at_k
     from .reward import RewardScorer, scorer_for
     from .rollout import make_rollout
 

@@ -48,8 +48,8 @@ from .data import (
     reasoning_gym_problems,
     synthetic_problems,
 )
-from .eval import avg_at_k
-from .logging import PhaseTimer, RunLogger, plot_curves
+from .evaluation import avg_at_k
+from .run_log import PhaseTimer, RunLogger, plot_curves
 from .reward import RewardScorer, scorer_for
 from .rollout import Sample, call_seed, make_rollout
 
@@ -428,6 +428,22 @@ class Trainer:
         if results:
             flat[f"{tag}/accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
         return flat
+
+    def answer_entropy(self, problems: int, k: int, seed: int) -> float:
+        """Mean per-token entropy (nats) of the policy on its own answers, sampled at
+        rollout.temperature, to the first ``problems`` held-out prompts (every held-out set in
+        turn): one probe that reads the same for every algorithm (``train/entropy`` covers only
+        the prompts each algorithm keeps)."""
+        prompts = [p for group in zip(*self.eval_sets.values()) for p in group][:problems]
+        samples = self.engine.generate([list(p.prompt_ids) for p in prompts], k,
+                                       self.cfg.rollout.temperature, 1.0,
+                                       self.cfg.eval.max_new_tokens, seed)
+        batch = collate([Sequence(prompts[s.prompt_index].prompt_ids, s.response_ids, 0.0, 0.5,
+                                  0.0) for s in samples], self.pad_id, self.info.device)
+        with torch.no_grad():
+            _, entropy = self.policy(batch, logprobs_only=True)
+        mask = batch["loss_mask"]
+        return float(entropy[mask].sum() / mask.sum())
 
     def save(self) -> Path | None:
         self.saved_step = self.step
