@@ -36,8 +36,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nft_kernels.chunked import rows_per_chunk  # noqa: E402
 
-# H200 SXM: cuBLAS bf16 GEMMs reach ~700-800 TF/s at these shapes (shared/design/kernel.md);
-# HBM3e 4.8 TB/s, ~4 TB/s achievable for a streaming kernel.
+# H200 SXM: cuBLAS bf16 GEMMs assumed at ~700 TF/s at these shapes (an H100 was measured at
+# ~800 TF/s on a large bf16 GEMM; not yet measured on an H200); HBM3e 4.8 TB/s, ~4 TB/s
+# achievable for a streaming kernel.
 H200 = dict(tflops=700.0, gbps=4000.0)
 
 

@@ -65,6 +65,7 @@ SETTINGS = {
 SMOKE = dict(SETTINGS, train_size=64, eval_size=4, steps=2, prompts_per_step=4, n=4,
              max_new_tokens=16, mini_batches_per_step=2, eval_k=2, probe_problems=4, probe_k=2)
 SEEDS = [0, 1, 2]
+THREADS = 2
 
 
 def run_config(spec: RunSpec, settings: dict, work: Path, model: Path):
@@ -231,7 +232,10 @@ def _child(spec: RunSpec, smoke: bool, work: Path, out: Path, model: Path) -> in
     """Train one run in a fresh process (a vLLM engine per process, freed on exit)."""
     cmd = [sys.executable, "-m", "experiments.smollm2_gym", "_run", spec.algorithm,
            str(spec.seed), "--work", str(work), "--out", str(out), "--model", str(model)]
-    proc = subprocess.Popen(cmd + (["--smoke"] if smoke else []), cwd=ROOT,
+    # Two threads for the update: vLLM-CPU would otherwise cut the process's torch threads to
+    # one; fixed here so that a resumed run computes as an uninterrupted one.
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
+    proc = subprocess.Popen(cmd + (["--smoke"] if smoke else []), cwd=ROOT, env=env,
                             start_new_session=True)
     try:
         return proc.wait()

@@ -3,7 +3,7 @@
 Per chunk of C counted rows (C from the workspace budget, ``rows_per_chunk``):
 1. logits = h_c W^T by the vendor GEMM (cuBLAS through torch on CUDA, BLAS on CPU) into a
    reused fp32 workspace [C, V]; fp32 so that logp keeps its precision (a 0.004 error in logp
-   is a 0.4% error in R, amplified by the negative branch: shared/design/kernel.md).
+   is a 0.4% error in R, amplified by the negative branch: docs/design.md, section 4).
 2. the row kernel (``ops/chunk_rows.py``; the same math in torch below for CPUs without the
    Triton interpreter): log-sum-exp, entropy, target logit, loss head -> loss_t and
    g_t = d loss_t / d logp_t, then dz = g (onehot - p) / T written over the logits in the

@@ -10,7 +10,7 @@ import triton.language as tl
 @triton.jit
 def _dot(a, b, acc, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     # DOT_FP32: upcast the operands first. The Triton interpreter computes bf16 tl.dot wrongly
-    # (see shared/design/kernel.md), so interpreted runs always take this branch.
+    # (docs/design.md, section 4), so interpreted runs always take this branch.
     # IEEE: fp32 inputs get full fp32 products, not TF32, so fp32 callers get fp32 accuracy.
     if DOT_FP32:
         a = a.to(tl.float32)
