@@ -57,7 +57,7 @@ TASKS = [
 ]
 SETTINGS = {
     "tasks": TASKS, "template": "plain", "train_size": 2000, "eval_size": 30, "data_seed": 0,
-    "steps": 12, "prompts_per_step": 16, "n": 8, "max_new_tokens": 64, "temperature": 1.0,
+    "steps": 20, "prompts_per_step": 16, "n": 8, "max_new_tokens": 64, "temperature": 1.0,
     "mini_batches_per_step": 4, "max_gen_batches": 1, "lr": 1e-5, "warmup_steps": 2,
     "micro_batch_size": 32, "eval_k": 4, "probe_problems": 48, "probe_k": 4,
     "compute_dtype": "auto",
@@ -225,7 +225,33 @@ def write_report(records: list[dict], seeds: list[int], out: Path) -> str:
     (out / "table.json").write_text(json.dumps(extra["table"], indent=2) + "\n")
     (out / "table.md").write_text(table_md)
     plot_all(records, out, ALGORITHMS, ablations=[])
+    plot_dynamics(records, out)
     return table_md
+
+
+def plot_dynamics(records: list[dict], out: Path) -> Path:
+    """Response length, the share of prompts dynamic sampling kept, the largest ratio R and
+    the wall time per step, per algorithm (mean +- std over seeds)."""
+    from experiments.reproduce import LABELS, _axes_done, _band, _by_seed, _plt
+
+    plt = _plt()
+    by_run = {name: list(recs.values()) for name, recs in _by_seed(records).items()}
+    panels = [("response_length", "response length (tokens)"),
+              ("kept_fraction", "groups with mixed rewards (kept)"),
+              ("ratio_max", "largest ratio R in the update"),
+              ("seconds_per_step", "wall time per step (s)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0))
+    for ax, (key, label) in zip(axes, panels):
+        for a in ALGORITHMS:
+            if a in by_run:
+                _band(ax, by_run[a], key, LABELS[a])
+        _axes_done(ax, label)
+    fig.suptitle("SmolLM2-135M-Instruct on reasoning-gym, off-policy: per-step dynamics")
+    fig.tight_layout()
+    path = out / "dynamics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _child(spec: RunSpec, smoke: bool, work: Path, out: Path, model: Path) -> int:
@@ -317,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "invocations": _invocations(args.out / "command.json", False) + [
                 {"command": command, "date": time.strftime("%Y-%m-%d"), "git_commit": commit,
                  "wall_seconds": wall, "trained": len(trained)}],
-            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
+            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": THREADS}}
     (args.out / "command.json").write_text(json.dumps(meta, indent=2) + "\n")
     print("\n" + table)
     return 0

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = NFTConfig(
-        output_dir=str(args.out / "trainer"), max_steps=args.steps, learning_rate=1e-5,
+        output_dir=str(Path("runs") / "trl_smollm2_trainer"), max_steps=args.steps,
+        learning_rate=1e-5,
         per_device_train_batch_size=16, num_generations=8, max_completion_length=48,
         temperature=1.0, loss_type="dapo", beta=0.04, entropy_coef=0.01,
         nft_normalize=1, nft_clip_negative=1.0, nft_impl="torch",

@@ -297,8 +297,9 @@ class NFTTrainer(GRPOTrainer):
         regularized = bool(terms)
         if old is None and not self._nft_noted_zero_loss and self.model.training:
             self._nft_noted_zero_loss = True
-            print("NFTTrainer: on-policy steps log loss 0 (R = 1 and -log 1 = 0); the gradient "
-                  "is not zero - watch grad_norm, reward and nft/signal_fraction")
+            print("NFTTrainer: on an on-policy step the NFT term of `loss` is 0 (R = 1 and "
+                  "-log 1 = 0; `loss` then shows only the entropy / KL terms) while its gradient "
+                  "is not - watch grad_norm, reward and nft/signal_fraction")
 
         def head(hidden, lm_head):
             hidden = hidden[:, -width - 1:-1]          # the positions that predict the completion
