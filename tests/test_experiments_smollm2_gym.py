@@ -26,8 +26,12 @@ def smollm2_dir():
     return fetch_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
 
 
-def test_smoke_sweep_trains_reports_and_resumes(tmp_path, smollm2_dir, capsys):
+def test_smoke_sweep_trains_reports_and_resumes(tmp_path, smollm2_dir, capsys, monkeypatch):
     from experiments import smollm2_gym as gym
+
+    # Each run is a child process: under the suite's TRITON_INTERPRET=1 it would run the
+    # Triton kernels interpreted on SmolLM2's 49152-token head (minutes per step).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
     argv = ["sweep", "--smoke", "--seeds", "0", "--algorithms", "nft", "--model",
             str(smollm2_dir), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")]
