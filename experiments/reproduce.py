@@ -369,6 +369,23 @@ def _axes_done(ax, ylabel: str) -> None:
         ax.legend(fontsize=8)
 
 
+def plot_panels(by_run: dict[str, list[dict]], path: Path, title: str, panels: list,
+                algorithms: list[str], width: float = 5.5) -> Path:
+    """One figure, a panel per (curve key, y label), a mean +- std band per algorithm."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), 4.2))
+    for ax, (key, ylabel) in zip(axes, panels):
+        for a in algorithms:
+            if a in by_run:
+                _band(ax, by_run[a], key, LABELS[a])
+        _axes_done(ax, ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_all(records: list[dict], out: Path, algorithms: list[str] = ALGORITHMS,
              ablations: list = ABLATIONS) -> list[Path]:
     plt = _plt()
@@ -381,19 +398,8 @@ def plot_all(records: list[dict], out: Path, algorithms: list[str] = ALGORITHMS,
          [("heldout_accuracy_t1", "held-out avg@k, T=1.0"),
           ("rollout_accuracy", "rollout accuracy (train prompts)")]),
     ]
-    written = []
-    for fname, title, panels in figures:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
-        for ax, (key, ylabel) in zip(axes, panels):
-            for a in algorithms:
-                if a in by_run:
-                    _band(ax, by_run[a], key, LABELS[a])
-            _axes_done(ax, ylabel)
-        fig.suptitle(title)
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=110)
-        plt.close(fig)
-        written.append(out / fname)
+    written = [plot_panels(by_run, out / fname, title, panels, algorithms)
+               for fname, title, panels in figures]
     for ablation, knob, values in ablations:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
         finals = []

@@ -232,26 +232,15 @@ def write_report(records: list[dict], seeds: list[int], out: Path) -> str:
 def plot_dynamics(records: list[dict], out: Path) -> Path:
     """Response length, the share of prompts dynamic sampling kept, the largest ratio R and
     the wall time per step, per algorithm (mean +- std over seeds)."""
-    from experiments.reproduce import LABELS, _axes_done, _band, _by_seed, _plt
+    from experiments.reproduce import _by_seed, plot_panels
 
-    plt = _plt()
     by_run = {name: list(recs.values()) for name, recs in _by_seed(records).items()}
     panels = [("response_length", "response length (tokens)"),
               ("kept_fraction", "groups with mixed rewards (kept)"),
               ("ratio_max", "largest ratio R in the update"),
               ("seconds_per_step", "wall time per step (s)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0))
-    for ax, (key, label) in zip(axes, panels):
-        for a in ALGORITHMS:
-            if a in by_run:
-                _band(ax, by_run[a], key, LABELS[a])
-        _axes_done(ax, label)
-    fig.suptitle("SmolLM2-135M-Instruct on reasoning-gym, off-policy: per-step dynamics")
-    fig.tight_layout()
-    path = out / "dynamics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plot_panels(by_run, out / "dynamics.png", "SmolLM2-135M-Instruct on reasoning-gym, "
+                       "off-policy: per-step dynamics", panels, ALGORITHMS, width=5.2)
 
 
 def _child(spec: RunSpec, smoke: bool, work: Path, out: Path, model: Path) -> int:

