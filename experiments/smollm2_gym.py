@@ -167,7 +167,8 @@ def run_one(spec: RunSpec, settings: dict, work: Path, model: Path) -> dict:
 
 
 # ---- the commands -----------------------------------------------------------------------------
-def base_accuracy(settings: dict, model: Path, candidates: list, out: Path) -> dict:
+def base_accuracy(settings: dict, model: Path, candidates: list, out: Path,
+                  problems: int = 50) -> dict:
     """avg@k at the rollout temperature of the untrained model per task (the mix and any
     candidates), and the share of groups of ``n`` answers that hold both a right and a wrong one
     (the groups every algorithm can learn from)."""
@@ -186,11 +187,11 @@ def base_accuracy(settings: dict, model: Path, candidates: list, out: Path) -> d
     scorer = RewardScorer.from_config("reasoning_gym", 0, 5.0)
     report = {"model": str(model.name), "n": settings["n"], "temperature": settings["temperature"],
               "top_p": 1.0, "max_new_tokens": settings["max_new_tokens"],
-              "template": settings["template"], "problems_per_task": settings["eval_size"],
+              "template": settings["template"], "problems_per_task": problems,
               "tasks": []}
     for spec in settings["tasks"] + [c for c in candidates if c not in settings["tasks"]]:
-        _, held = reasoning_gym_problems([spec], 1, settings["eval_size"],
-                                         settings["data_seed"], settings["template"])
+        _, held = reasoning_gym_problems([spec], 1, problems, settings["data_seed"],
+                                         settings["template"])
         name = parse_gym_task(spec)[0]
         encoded, _ = encode_problems(held[name], tokenizer, 256)
         start = time.time()
@@ -273,13 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny settings: checks the pipeline")
     parser.add_argument("--candidates", default="[]",
                         help="base: more tasks to measure, as JSON (names or mappings)")
+    parser.add_argument("--problems", type=int, default=50, help="base: problems per task")
     args = parser.parse_args(argv)
     settings = SMOKE if args.smoke else SETTINGS
     if not (args.model / "config.json").is_file():
         parser.error(f"--model {args.model} is not a model folder; run "
                      f"`nft-train fetch-smollm2 --out {args.model}` first")
     if args.command == "base":
-        base_accuracy(settings, args.model, json.loads(args.candidates), args.out)
+        base_accuracy(settings, args.model, json.loads(args.candidates), args.out,
+                      args.problems)
         return 0
     if args.command == "_run":
         spec = RunSpec(args.algorithm, args.algorithm, (), args.seed)
