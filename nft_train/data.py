@@ -21,8 +21,8 @@ class Problem:
     prompt: str       # the user message, instruction included
     answer: str       # ground truth, compared by the reward
     source: str = ""  # file or task it came from
-    # What the scorer compares against when it needs more than the answer (reasoning-gym: the
-    # task name and its entry, as JSON); empty: the answer itself.
+    # What the scorer compares against when it needs more than the answer (reasoning-gym: what
+    # regenerates the entry - task, config, seed, size, index - as JSON); empty: the answer.
     grading: str = ""
 
     @property
@@ -244,13 +244,12 @@ def reasoning_gym_problems(tasks: list, train_size: int, eval_size: int, seed: i
                             + (f"; similar: {', '.join(close)}" if close else ""))
         if name in held_out:
             raise DataError(f"data.reasoning_gym.tasks: {name!r} is listed twice")
+        size = train_size + eval_size
         try:
-            dataset = gym_dataset(name, json.dumps(task_cfg, sort_keys=True), seed,
-                                  train_size + eval_size)
+            dataset = gym_dataset(name, json.dumps(task_cfg, sort_keys=True), seed, size)
         except (TypeError, ValueError, AssertionError) as err:
             raise DataError(f"data.reasoning_gym.tasks: bad config for {name!r}: {err}") \
                 from None
-        size = train_size + eval_size
         # The scorer regenerates the entry from (task, config, seed, size, index): entries can
         # hold values JSON cannot (gsm_symbolic: Fraction), and regenerating is exact.
         key = {"task": name, "config": task_cfg, "seed": seed, "size": size}
