@@ -59,8 +59,8 @@ class _SampledLogprobs:
     the sampler then draws (read on the next call, when the token is in ``input_ids``): one
     [batch, vocab] distribution held at a time, not every step's scores."""
 
-    def __init__(self, temperature: float):
-        self.temperature = temperature
+    def __init__(self, temperature: float, record: bool = True):
+        self.temperature, self.record = temperature, record
         self.previous: torch.Tensor | None = None
         self.picked: list[torch.Tensor] = []
 
@@ -68,7 +68,8 @@ class _SampledLogprobs:
         if self.previous is not None:
             self.picked.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
         scores = scores / self.temperature
-        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        if self.record:
+            self.previous = torch.log_softmax(scores.float(), dim=-1)
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -120,15 +121,16 @@ class HFRollout:
 
         # The temperature is applied by the recorder (the last processor; transformers would
         # add its own warper after it), so it sees the distribution each token is drawn from.
-        recorder = _SampledLogprobs(temperature)
+        # top-p truncates after the recorder: its log-probs would not be the sampler's, so
+        # none are kept (training refuses top-p; evaluation needs no log-probs)
+        recorder = _SampledLogprobs(temperature, record=top_p >= 1.0)
         out = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device), do_sample=True,
             temperature=1.0, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens,
             eos_token_id=self.eos, pad_token_id=self.pad,
             logits_processor=LogitsProcessorList([recorder]))
         new = out[:, width:]
-        # top-p truncates after the recorder: those log-probs would not be the sampler's
-        picked = recorder.finish(new).tolist() if top_p >= 1.0 else [None] * len(requests)
+        picked = recorder.finish(new).tolist() if recorder.record else [None] * len(requests)
         samples = []
         for (index, _), row, lp in zip(requests, new.tolist(), picked):
             ends = [i for i, t in enumerate(row) if t in self.eos]
