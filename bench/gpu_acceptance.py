@@ -200,6 +200,7 @@ def profile_into(out: Path, plan_name) -> int:
     from loss_throughput import make_inputs  # noqa: PLC0415
     from nft_kernels import fused_linear_nft_loss, triton_launch  # noqa: PLC0415
     from nft_kernels.heads import HeadSpec, LogitScaling  # noqa: PLC0415
+    from nft_kernels.inputs import RowPass, TokenInputs  # noqa: PLC0415
     from nft_kernels.ops.chunk_rows import chunk_rows_kernel  # noqa: PLC0415
 
     p = PLANS[plan_name]
@@ -240,18 +241,18 @@ def profile_into(out: Path, plan_name) -> int:
     out_rows = {k: torch.zeros(rows, device=dev)
                 for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")}
     zeros = torch.zeros(rows, device=dev)
-    args = dict(bias=None, target=target, mask=None, old=zeros, reward=zeros + 1.0,
-                rate=zeros + 0.5, token_weights=None, ref=None,
-                scale=torch.ones((), device=dev), spec=HeadSpec(kind="nft"),
-                scaling=LogitScaling(), compute_entropy=False, stats=True, write_dz=True,
-                out=out_rows)
+    row_pass = RowPass(target=target, mask=None,
+                       inputs=TokenInputs(old_logprobs=zeros, signal=zeros + 1.0,
+                                          correct_rate=zeros + 0.5),
+                       spec=HeadSpec(kind="nft"), scaling=LogitScaling(),
+                       scale=torch.ones((), device=dev), out=out_rows, write_dz=True)
     lines.append(f"\n# row kernel sweep: {rows} rows x V={v} fp32 logits -> bf16 dz")
     shipped = triton_launch.GPU_CHUNK_ROWS
     for block_v, warps in p["sweep"]:
         launch = dict(BLOCK_V=block_v, num_warps=warps, num_stages=1)
 
         def run():
-            triton_launch.chunk_rows(ws, dz, ids, launch=launch, **args)
+            triton_launch.chunk_rows(ws, dz, ids, None, row_pass, launch=launch)
 
         if dev.type == "cuda":
             from triton.testing import do_bench  # noqa: PLC0415

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from .heads import HeadSpec, LogitScaling
+from .heads import HeadSpec
+from .inputs import RowPlan, TokenInputs
 
 
 def _cast(grad, like, needed):
@@ -27,12 +28,10 @@ def _cast(grad, like, needed):
 
 class FusedLinearScalarLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec: HeadSpec, scaling: LogitScaling,
-                compute_entropy: bool, engine, grad_scale, want):
+    def forward(ctx, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec,
+                engine, grad_scale, want):
         loss_t, logp, entropy, dh, dw, db = engine.forward_with_grads(
-            hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
-            spec, scaling, compute_entropy, want, grad_scale)
+            hidden, weight, bias, plan, inputs, spec, want, grad_scale)
         loss = loss_t.sum() * grad_scale
         # Cast the fp32 accumulators one at a time, dropping each before the next cast, so the
         # peak holds one fp32 buffer fewer. (For fp32 inputs .to() is a no-op.)
@@ -54,43 +53,39 @@ class FusedLinearScalarLoss(torch.autograd.Function):
                 "backward ran twice through a chunked-mode loss (retain_graph=True): its "
                 "gradients were computed in the forward and are handed out once; use "
                 "mode='lean' to differentiate the same loss more than once")
-        grads, ctx.grads = ctx.grads, None
+        (grad_hidden, grad_weight, grad_bias), ctx.grads = ctx.grads, None
         # The gradients are of the loss itself; scale them in place by the upstream scalar.
-        for g in grads:
+        for g in (grad_hidden, grad_weight, grad_bias):
             if g is not None:
                 g.mul_(grad_loss.to(g.dtype))
-        return tuple(grads) + (None,) * 14
+        # plan, inputs, spec, engine, grad_scale, want: no gradient
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class FusedLinearHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec: HeadSpec, scaling: LogitScaling,
-                compute_entropy: bool, engine):
-        loss, logp, entropy, g, state = engine.forward(
-            hidden, weight, bias, target, rows, mask, old, reward, rate, token_weights, ref,
-            spec, scaling, compute_entropy)
+    def forward(ctx, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec,
+                engine):
+        loss, logp, entropy, g, state = engine.forward(hidden, weight, bias, plan, inputs, spec)
         # Entropy bonus: loss_t - c w H_t (the engines computed H; its gradient goes through
         # g_ent in the backward). Padded rows hold H = 0.
         ctx.ent_weight = None
         if spec.entropy_coef != 0.0:
-            ctx.ent_weight = spec.entropy_coef * (1.0 if token_weights is None
-                                                  else token_weights.float())
+            weights = inputs.token_weights
+            ctx.ent_weight = spec.entropy_coef * (1.0 if weights is None else weights.float())
             loss = loss - ctx.ent_weight * entropy
-        ctx.save_for_backward(hidden, weight, bias, target, rows, mask, g, *state)
-        ctx.n_state = len(state)
-        ctx.engine = engine
-        ctx.scaling = scaling
-        ctx.compute_entropy = compute_entropy
+        ctx.save_for_backward(hidden, weight, bias, g, *state)
+        ctx.plan, ctx.engine = plan, engine
         ctx.set_materialize_grads(False)  # unused outputs give None: no work, no sync
-        if not compute_entropy:
+        if not plan.compute_entropy:
             ctx.mark_non_differentiable(entropy)
         return loss, logp, entropy
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_logp, grad_entropy):
-        hidden, weight, bias, target, rows, mask, g, *state = ctx.saved_tensors
+        hidden, weight, bias, g, *state = ctx.saved_tensors
+        plan, mask = ctx.plan, ctx.plan.device_mask
         needs = ctx.needs_input_grad
         want = (needs[0], needs[1], bias is not None and needs[2])
         g_logp = torch.zeros_like(g)
@@ -99,7 +94,7 @@ class FusedLinearHead(torch.autograd.Function):
         if grad_logp is not None:
             g_logp += grad_logp.float()
         g_ent = None
-        if ctx.compute_entropy and grad_entropy is not None:
+        if plan.compute_entropy and grad_entropy is not None:
             g_ent = grad_entropy.float()
         if ctx.ent_weight is not None and grad_loss is not None:
             bonus = -grad_loss.float() * ctx.ent_weight * torch.ones_like(g)
@@ -111,22 +106,21 @@ class FusedLinearHead(torch.autograd.Function):
         if g_ent is not None:
             g_ent = g_ent.contiguous()
         with torch.autocast(hidden.device.type, enabled=False):
-            dh, dw, db = ctx.engine.backward(hidden, weight, bias, target, rows, mask, state,
-                                             g_logp.contiguous(), g_ent, ctx.scaling,
-                                             want)
+            dh, dw, db = ctx.engine.backward(hidden, weight, bias, plan, tuple(state),
+                                             g_logp.contiguous(), g_ent, want)
         grad_hidden = _cast(dh, hidden, want[0])
         del dh
         grad_weight = _cast(dw, weight, want[1])
         del dw
         grad_bias = _cast(db, bias, want[2])
-        return (grad_hidden, grad_weight, grad_bias) + (None,) * 12
+        # plan, inputs, spec, engine: no gradient
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 class LossHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old, reward, rate, token_weights, ref, mask, spec: HeadSpec,
-                backend):
-        loss, g = backend.head_forward(logp, old, reward, rate, token_weights, ref, mask, spec)
+    def forward(ctx, logp, inputs: TokenInputs, mask, spec: HeadSpec, backend):
+        loss, g = backend.head_forward(logp, inputs, mask, spec)
         ctx.save_for_backward(g)
         ctx.logp_dtype = logp.dtype
         return loss
@@ -135,4 +129,5 @@ class LossHead(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss):
         (g,) = ctx.saved_tensors
-        return ((grad_loss.float() * g).to(ctx.logp_dtype),) + (None,) * 8
+        # inputs, mask, spec, backend: no gradient
+        return (grad_loss.float() * g).to(ctx.logp_dtype), None, None, None, None

@@ -23,11 +23,9 @@ import os
 
 import torch
 
-from . import chunked, lean_torch
-from .heads import HeadSpec
-
-IMPLS = ("auto", "triton", "torch")
-MODES = ("auto", "chunked", "lean")
+from . import chunked, lean_torch, validation
+from .heads import HeadSpec, LogitScaling
+from .inputs import NO_TOKEN_INPUTS, RowPlan, TokenInputs
 
 
 def triton_installed() -> bool:
@@ -46,8 +44,7 @@ def _triton_module():
 
 def resolve_impl(impl: str, device: torch.device) -> str:
     """``"triton"`` or ``"torch"``: the implementation that will run on ``device``."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    validation.check_impl(impl)
     if impl == "torch":
         return "torch"
     usable = triton_installed() and (device.type == "cuda" or interpreter_requested())
@@ -72,24 +69,17 @@ def head_module(impl: str, device: torch.device):
 
 
 def resolve_mode(mode: str, filter_eps) -> str:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    validation.check_mode(mode, filter_eps)
     if mode == "auto":
         return "lean" if filter_eps is not None else "chunked"
-    if mode == "chunked" and filter_eps is not None:
-        raise ValueError("filter_eps skips gradient tiles of the lean mode; it does not apply "
-                         "to mode='chunked' (use mode='lean' or mode='auto', or drop filter_eps)")
     return mode
 
 
-def check_workspace_bytes(workspace_bytes, device: torch.device) -> int:
+def workspace_budget(workspace_bytes, device: torch.device) -> int:
+    """The chunked mode's workspace in bytes: the given one, or the device's default."""
+    validation.check_workspace_bytes(workspace_bytes)
     if workspace_bytes is None:
         return chunked.default_workspace_bytes(device)
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
-        raise TypeError(f"workspace_bytes must be an int (bytes) or None, got "
-                        f"{type(workspace_bytes).__name__}")
-    if workspace_bytes < 1:
-        raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
     return workspace_bytes
 
 
@@ -111,32 +101,24 @@ class ChunkedEngine:
         """A vocabulary shard's dH is its part of the sum over ranks: all-reduce it."""
         return dh if self.shard is None else self.shard.reduce_hidden_grad(dh)
 
-    def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec, scaling, compute_entropy):
+    def forward(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec):
         """Per-token (loss, logp, entropy, g) and the state the backward needs."""
-        out, _, _, _ = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
-                                 token_weights, ref, spec, scaling, compute_entropy,
-                                 stats=True,
+        out, _, _, _ = self._run(hidden, weight, bias, plan, inputs, spec,
                                  write_grads=(False, False, False))
         return (out["loss"], out["logp"], out["entropy"], out["g"],
                 (out["rowmax"], out["logsum"], out["entropy"]))
 
-    def forward_with_grads(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                           token_weights, ref, spec, scaling, compute_entropy, want,
-                           grad_scale):
+    def forward_with_grads(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs,
+                           spec: HeadSpec, want, grad_scale):
         """Per-token (loss, logp, entropy) and the gradients of sum(loss) * grad_scale."""
-        out, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, old, reward, rate,
-                                    token_weights, ref, spec, scaling, compute_entropy,
-                                    stats=True, write_grads=want, grad_scale=grad_scale,
-                                    entropy_coef=spec.entropy_coef)
+        out, dh, dw, db = self._run(hidden, weight, bias, plan, inputs, spec, write_grads=want,
+                                    grad_scale=grad_scale, entropy_coef=spec.entropy_coef)
         return out["loss"], out["logp"], out["entropy"], self._full_dh(dh), dw, db
 
-    def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
-                 scaling, want):
-        _, dh, dw, db = self._run(hidden, weight, bias, target, rows, mask, None, None, None,
-                                  None, None, HeadSpec(), scaling, False, stats=False,
-                                  write_grads=want,
-                                  saved=state, g_logp=g_logp, g_ent=g_ent)
+    def backward(self, hidden, weight, bias, plan: RowPlan, state, g_logp, g_ent, want):
+        _, dh, dw, db = self._run(hidden, weight, bias, plan.changed(compute_entropy=False),
+                                  NO_TOKEN_INPUTS, HeadSpec(), write_grads=want, saved=state,
+                                  g_logp=g_logp, g_ent=g_ent)
         return self._full_dh(dh), dw, db
 
 
@@ -154,59 +136,49 @@ class LeanEngine:
         # compacts them on the host.
         self.takes_device_mask = impl == "triton"
 
-    @staticmethod
-    def _rows(rows, n, device):
-        return rows if rows is not None else torch.arange(n, device=device)
-
-    def forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                token_weights, ref, spec, scaling, compute_entropy):
+    def forward(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec):
         if self.shard is not None:
-            return self._sharded_forward(hidden, weight, bias, target, rows, mask, old, reward,
-                                         rate, token_weights, ref, spec, scaling,
-                                         compute_entropy)
-        logp, lse, entropy, loss, g = self.module.forward(
-            hidden, weight, bias, target, self._rows(rows, hidden.shape[0], hidden.device), old,
-            reward, rate, token_weights, ref, spec, scaling, compute_entropy)
+            return self._sharded_forward(hidden, weight, bias, plan, inputs, spec)
+        row_ids = plan.row_ids(hidden.shape[0], hidden.device)
+        logp, lse, entropy, loss, g = self.module.forward(hidden, weight, bias, plan, row_ids,
+                                                          inputs, spec)
+        mask = plan.device_mask
         if mask is not None:  # padded rows left in place: their values count for nothing
             logp, lse, entropy, loss, g = (torch.where(mask, t, torch.zeros_like(t))
                                            for t in (logp, lse, entropy, loss, g))
         return loss, logp, entropy, g, (lse, entropy)
 
-    def _sharded_forward(self, hidden, weight, bias, target, rows, mask, old, reward, rate,
-                         token_weights, ref, spec, scaling, compute_entropy):
+    def _sharded_forward(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs,
+                         spec: HeadSpec):
         """A vocabulary shard (``vocab_parallel.py``): this shard's statistics by the forward
         kernel, combined across ranks (two all-reduces), then the loss head on the shared
         values. The saved lse is the global one, for the backward's recompute."""
         n_total, dev = hidden.shape[0], hidden.device
-        t_stats, _, owned = self.shard.targets(target)
-        row_ids = self._rows(rows, n_total, dev)
+        t_stats, _, owned = self.shard.targets(plan.target)
+        row_ids = plan.row_ids(n_total, dev)
         logp_r, lse_r, ent_r, _, _ = self.module.forward(
-            hidden, weight, bias, t_stats, row_ids, None, None, None, None, None, HeadSpec(),
-            scaling, compute_entropy)
-        logp, delta, entropy = self.shard.combine(logp_r, lse_r,
-                                                  ent_r if compute_entropy else None, owned)
+            hidden, weight, bias, plan.changed(target=t_stats), row_ids, NO_TOKEN_INPUTS,
+            HeadSpec())
+        logp, delta, entropy = self.shard.combine(
+            logp_r, lse_r, ent_r if plan.compute_entropy else None, owned)
         entropy = ent_r if entropy is None else entropy
         counted = torch.zeros(n_total, dtype=torch.bool, device=dev).index_fill_(0, row_ids, True)
-        if mask is not None:
-            counted &= mask
+        if plan.device_mask is not None:
+            counted &= plan.device_mask
         zero = torch.zeros_like(logp)
         logp, lse, entropy = (torch.where(counted, t, zero) for t in (logp, lse_r + delta, entropy))
         loss, g = zero, zero
         if spec.kind != "none":
-            loss, g = self.module.head_forward(logp, old, reward, rate, token_weights, ref,
-                                               counted, spec)
+            loss, g = self.module.head_forward(logp, inputs, counted, spec)
         return loss, logp, entropy, g, (lse, entropy)
 
-    def backward(self, hidden, weight, bias, target, rows, mask, state, g_logp, g_ent,
-                 scaling, want):
-        del mask, want  # g_logp / g_ent are already 0 on padded rows
-        lse, entropy = state
+    def backward(self, hidden, weight, bias, plan: RowPlan, state, g_logp, g_ent, want):
+        del want  # g_logp / g_ent are already 0 on padded rows
         if self.shard is not None:  # no onehot where another rank holds the target
-            _, target, _ = self.shard.targets(target)
-        dh, dw, db = self.module.backward(hidden, weight, bias, target,
-                                          self._rows(rows, hidden.shape[0], hidden.device), lse,
-                                          entropy, g_logp, g_ent, scaling, self.filter_eps,
-                                          self.deterministic)
+            plan = plan.changed(target=self.shard.targets(plan.target)[1])
+        dh, dw, db = self.module.backward(hidden, weight, bias, plan,
+                                          plan.row_ids(hidden.shape[0], hidden.device), state,
+                                          g_logp, g_ent, self.filter_eps, self.deterministic)
         if self.shard is not None:
             self.shard.reduce_hidden_grad(dh)
         return dh, dw, db
@@ -219,7 +191,7 @@ def engine(impl: str, mode: str, device: torch.device, vocab: int, *, filter_eps
     largest shard, with a vocab-parallel ``shard``: every rank takes the same mode)."""
     which = resolve_impl(impl, device)
     chosen = resolve_mode(mode, filter_eps)
-    budget = check_workspace_bytes(workspace_bytes, device)
+    budget = workspace_budget(workspace_bytes, device)
     if chosen == "chunked" and budget < 4 * vocab:
         if mode == "chunked":
             raise ValueError(f"workspace_bytes={budget} cannot hold one row of fp32 logits "
@@ -228,6 +200,41 @@ def engine(impl: str, mode: str, device: torch.device, vocab: int, *, filter_eps
     if chosen == "chunked":
         return ChunkedEngine(which, budget, shard)
     return LeanEngine(which, filter_eps, deterministic, shard)
+
+
+def compact_rows(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """int64 indices of the ``count`` True entries of ``mask``, in order, without a host
+    synchronisation (``torch.nonzero`` would wait for the device to learn the count)."""
+    n = mask.numel()
+    position = torch.cumsum(mask, 0) - 1
+    slot = torch.where(mask, position, torch.full_like(position, count))  # others: a spare slot
+    rows = torch.empty(count + 1, dtype=torch.int64, device=mask.device)
+    rows.scatter_(0, slot, torch.arange(n, device=mask.device))
+    return rows[:count]
+
+
+def row_plan(call: validation.PreparedCall, counted: int | None, *, temperature, softcap,
+             compute_entropy: bool) -> RowPlan:
+    """The rows a call computes: with the number of counted tokens read back, only those
+    (``compact_rows``: padded tokens are dropped before any GEMM); otherwise every row, the
+    mask applied on the device. ``temperature``: the number (a per-token tensor is in
+    ``call.temperatures``), applied with the soft cap as ``LogitScaling``."""
+    cap = None if softcap is None else float(softcap)
+    if call.temperatures is None:
+        scaling = LogitScaling(inv_temperature=1.0 / float(temperature), softcap=cap)
+    else:  # 1 / T per token; padded tokens get 1 (their temperature may be anything)
+        inv_t = 1.0 / call.temperatures.float()
+        if call.mask is not None:
+            inv_t = torch.where(call.mask, inv_t, torch.ones_like(inv_t))
+        scaling = LogitScaling(softcap=cap, inv_temperature_t=inv_t.contiguous())
+    rows = device_mask = None
+    if call.mask is not None:
+        if counted is not None:
+            rows = compact_rows(call.mask, counted)
+        else:
+            device_mask = call.mask
+    return RowPlan(target=call.target, scaling=scaling, rows=rows, device_mask=device_mask,
+                   compute_entropy=compute_entropy)
 
 
 def extra_memory_bytes(n_tokens: int, hidden_size: int, vocab: int, dtype: torch.dtype,
@@ -261,7 +268,7 @@ def extra_memory_bytes(n_tokens: int, hidden_size: int, vocab: int, dtype: torch
         if which == "torch":
             total += 16 * 4 * lean_torch.CHUNK_ELEMENTS
         return total
-    budget = check_workspace_bytes(workspace_bytes, device)
+    budget = workspace_budget(workspace_bytes, device)
     workspace = chunked.workspace_bytes_needed(n, vocab, budget)
     total = grads + workspace + per_token
     if n < n_tokens:

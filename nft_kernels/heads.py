@@ -122,11 +122,11 @@ def prompt_weight(r_hat: torch.Tensor, normalize: int) -> torch.Tensor:
     return torch.sqrt((1.0 - r_hat) / r_hat)
 
 
-def nft_loss_and_grad(logp, old, reward, rate, spec: HeadSpec):
+def nft_loss_and_grad(logp, old, reward, correct_rate, spec: HeadSpec):
     """NFT per token (Eq. 8) and its derivative w.r.t. logp; all inputs fp32."""
     log_ratio, clamped = _clamped_log_ratio(logp, old, spec.max_log_ratio)
     ratio = torch.exp(log_ratio)
-    r_hat = rate.clamp(spec.rate_lo, spec.rate_hi)
+    r_hat = correct_rate.clamp(spec.rate_lo, spec.rate_hi)
     q = (1.0 - r_hat * ratio) / (1.0 - r_hat)
     q_st = q.clamp(min=spec.clip_negative)  # value of max_st; gradient passes straight through
     w = prompt_weight(r_hat, spec.normalize)
@@ -177,18 +177,22 @@ def kl_and_grad(logp, ref, kl_code: int):
     return kl, torch.where(ok, 1.0 - ex, torch.zeros_like(ex))
 
 
-def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=None, ref=None):
-    """Dispatch on spec.kind; ``reward`` holds the advantage for the PPO head. ``ref``: the
-    reference policy's log-probs for the KL term (``spec.beta`` > 0). With ``token_weights``
-    each token's loss and gradient (KL term included) are multiplied by its weight."""
+def head_loss_and_grad(spec: HeadSpec, logp, inputs):
+    """Per-token (loss, g = d loss / d logp) of ``spec``'s head on fp32 ``logp`` and
+    ``inputs`` (``inputs.TokenInputs``, fp32: the rows being evaluated). ``inputs.signal`` is
+    NFT's reward or the PPO head's advantage; ``inputs.ref_logprobs`` anchors the KL term
+    (``spec.beta`` > 0). With ``token_weights`` each token's loss and gradient (KL term
+    included) are multiplied by its weight."""
+    old = inputs.old_logprobs
     if spec.kind == "nft":
-        loss, g = nft_loss_and_grad(logp, old, reward, rate, spec)
+        loss, g = nft_loss_and_grad(logp, old, inputs.signal, inputs.correct_rate, spec)
     elif spec.kind == "ppo":
-        loss, g = ppo_loss_and_grad(logp, old, reward, spec)
+        loss, g = ppo_loss_and_grad(logp, old, inputs.signal, spec)
     else:
         zeros = torch.zeros_like(logp)
         return zeros, zeros
     if spec.kl_code:
+        ref = inputs.ref_logprobs
         kl, d_kl = kl_and_grad(logp, ref, spec.kl_code)
         if spec.kl_bias_correction:  # d (kl R) = R (d kl + kl), or R d kl where R is clamped
             log_ratio, clamped = _clamped_log_ratio(logp, old, spec.max_log_ratio)
@@ -199,38 +203,23 @@ def head_loss_and_grad(spec: HeadSpec, logp, old, reward, rate, token_weights=No
                 d_sum = d_kl + kl
             kl, d_kl = kl * ratio, torch.where(clamped, d_kl, d_sum) * ratio
         loss, g = loss + spec.beta * kl, g + spec.beta * d_kl
-    if token_weights is not None:
-        loss, g = loss * token_weights, g * token_weights
+    if inputs.token_weights is not None:
+        loss, g = loss * inputs.token_weights, g * inputs.token_weights
     return loss, g
 
 
-def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted,
-                      spec: HeadSpec, ref=None):
-    """PPO-clip with GSPO's sequence-level ratio (Zheng et al. 2025), per token, differentiable
-    by autograd (O(N) work on log-probs the fused kernels computed).
+def reduce_loss(loss_t, n_counted, reduction, lead_shape):
+    """The call's loss from per-token losses: [...] for "none", else a 0-d sum or mean."""
+    if reduction == "none":
+        return loss_t.reshape(lead_shape)
+    return loss_t.sum() * reduction_scale(n_counted, reduction, loss_t.device)
 
-    s = exp(min(mean over the response's counted tokens of (logp - old), max_log_ratio)); each
-    counted token of the response gets loss max(-A s, -A clip(s, 1 - clip_low, 1 + clip_high))
-    (the dual clip as per token), so a token-level aggregation weighs each response by its
-    counted tokens, as TRL's and Liger's ``importance_sampling_level="sequence"`` do.
-    ``sequence_index``: [N] int64 in [0, n_sequences); ``counted``: [N] bool. The KL term
-    (``spec.beta``, ``ref``) stays per token; with ``kl_bias_correction`` it is multiplied by
-    the response's ratio s (TRL broadcasts the sequence-level weight onto the per-token KL;
-    Liger multiplies by exp of the sequence's log importance weight).
-    """
-    diff = torch.where(counted, logp - old, torch.zeros_like(logp))
-    total = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device)
-    total = total.index_add(0, sequence_index, diff)
-    count = torch.zeros(n_sequences, dtype=logp.dtype, device=logp.device)
-    count = count.index_add(0, sequence_index, counted.to(logp.dtype))
-    response_log_ratio = (total / count.clamp(min=1.0)).index_select(0, sequence_index)
-    # The token-level PPO-clip head on each token's response-level log-ratio (old = 0); its
-    # loss is written in torch ops, so autograd differentiates it through the mean.
-    loss, _ = ppo_loss_and_grad(response_log_ratio, torch.zeros_like(response_log_ratio),
-                                advantage, spec)
-    if spec.kl_code:
-        kl, _ = kl_and_grad(logp, ref, spec.kl_code)  # torch ops: autograd differentiates
-        if spec.kl_bias_correction:  # the response's ratio, as TRL and Liger at sequence level
-            kl = kl * torch.exp(response_log_ratio.clamp(max=spec.max_log_ratio))
-        loss = loss + spec.beta * kl
-    return torch.where(counted, loss, torch.zeros_like(loss))
+
+def reduction_scale(n_counted, reduction, device):
+    """1 for "sum", 1 / counted tokens for "mean" (no counted token: 1, so the loss is 0, not
+    NaN); a device scalar, since the count may only be known on the device."""
+    if reduction != "mean":
+        return torch.ones((), dtype=torch.float32, device=device)
+    if isinstance(n_counted, torch.Tensor):
+        return 1.0 / n_counted.clamp(min=1).to(torch.float32)
+    return torch.full((), 1.0 / max(n_counted, 1), dtype=torch.float32, device=device)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from .heads import HeadSpec, LogitScaling, head_loss_and_grad
+from .inputs import RowPlan, TokenInputs
+from .torch_rows import write_dz_
 
 # Elements of one fp32 [n, chunk] logits block (4 MiB).
 CHUNK_ELEMENTS = 1 << 20
@@ -28,9 +30,9 @@ def _scaled_logits(h32, weight, bias, v0, v1, scaling: LogitScaling, rows):
     return scaling.apply_(x, rows)
 
 
-def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
-            spec: HeadSpec, scaling: LogitScaling, compute_entropy: bool):
-    """Returns full-length fp32 (logp, lse, entropy, loss, g); uncounted rows hold 0."""
+def forward(hidden, weight, bias, plan: RowPlan, rows, inputs: TokenInputs, spec: HeadSpec):
+    """Full-length fp32 (logp, lse, entropy, loss, g) of ``rows``; other rows hold 0."""
+    target, scaling, compute_entropy = plan.target, plan.scaling, plan.compute_entropy
     n_total, vocab = hidden.shape[0], weight.shape[0]
     out = [torch.zeros(n_total, dtype=torch.float32, device=hidden.device) for _ in range(5)]
     logp_out, lse_out, ent_out, loss_out, g_out = out
@@ -65,18 +67,19 @@ def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights
     if compute_entropy:
         ent_out[rows] = torch.log(s) - t / s
     if spec.kind != "none":
-        pick = lambda t: None if t is None else t.index_select(0, rows).float()  # noqa: E731
-        loss, g = head_loss_and_grad(spec, logp, pick(old), pick(reward), pick(rate),
-                                     pick(token_weights), pick(ref))
+        loss, g = head_loss_and_grad(spec, logp, inputs.select(rows))
         loss_out[rows] = loss
         g_out[rows] = g
     return tuple(out)
 
 
-def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
-             scaling: LogitScaling, filter_eps, deterministic: bool):
-    """fp32 (dH [N, H], dW [V, H], d bias [V] or None). Always deterministic on CPU."""
-    del deterministic  # chunked matmuls have a fixed summation order
+def backward(hidden, weight, bias, plan: RowPlan, rows, saved, g_logp, g_ent, filter_eps,
+             deterministic: bool):
+    """fp32 (dH [N, H], dW [V, H], d bias [V] or None) from the forward's ``saved`` =
+    (lse, entropy). Always deterministic on CPU (chunked matmuls sum in a fixed order)."""
+    del deterministic
+    lse, entropy = saved
+    target, scaling = plan.target, plan.scaling
     vocab, width = weight.shape
     dh = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     dw = torch.zeros((vocab, width), dtype=torch.float32, device=weight.device)
@@ -100,33 +103,36 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     for v0 in range(0, vocab, chunk):
         v1 = min(v0 + chunk, vocab)
         x = _scaled_logits(h32, weight, bias, v0, v1, scaling, rows)
-        log_p = x - row_lse[:, None]
-        p = torch.exp(log_p)
+        cap_d = scaling.cap_derivative(x, rows) if scaling.softcap is not None else None
         here = (tgt >= v0) & (tgt < v1)
-        diff = torch.neg(p)  # onehot - p, formed in place (fewer [n, slice] temporaries)
-        diff[here, tgt[here] - v0] += 1.0
-        if filter_eps is not None and \
-                diff.abs().masked_fill_(~carries[:, None], 0.0).amax() < filter_eps:
+        column = torch.where(here, tgt - v0, torch.full_like(tgt, -1))  # -1: not this slice
+        x.sub_(row_lse[:, None])  # log p
+        p = torch.exp(x) if ge is not None or filter_eps is not None else x.exp_()
+        if filter_eps is not None and _largest_onehot_gap(p, column, carries) < filter_eps:
             continue
-        dz = g[:, None] * diff  # d logp / dz = (onehot - p) / T
-        if ge is not None:
-            dz = dz - ge[:, None] * p * (log_p + row_ent[:, None])  # d entropy / dz
-        dz = dz * scaling.inv(rows)
-        if scaling.softcap is not None:
-            dz = dz * scaling.cap_derivative(x, rows)
-        dh_rows += dz @ weight[v0:v1].float()
-        dw[v0:v1] = dz.T @ h32
+        write_dz_(x, p, g=g, target=column, g_ent=ge, entropy=row_ent,
+                  inv_t=scaling.inv(rows), cap_d=cap_d)
+        dh_rows += x @ weight[v0:v1].float()
+        dw[v0:v1] = x.T @ h32
         if db is not None:
-            db[v0:v1] = dz.sum(dim=0)
+            db[v0:v1] = x.sum(dim=0)
     dh[rows] = dh_rows
     return dh, dw, db
 
 
-def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSpec):
+def _largest_onehot_gap(p, column, carries):
+    """max |onehot - p| over the rows that carry a gradient (the tile filter's measure)."""
+    gap = p.masked_fill(~carries[:, None], 0.0)
+    own = column >= 0
+    at_target = gap.gather(1, column.clamp(min=0)[:, None]).squeeze(1)
+    gap.scatter_(1, column.clamp(min=0)[:, None],
+                 torch.where(own & carries, 1.0 - at_target, at_target)[:, None])
+    return gap.amax()
+
+
+def head_forward(logp, inputs: TokenInputs, mask, spec: HeadSpec):
     """Loss head on given log-probs (nft_loss / ppo_clip_loss): fp32 (loss_t, g_t)."""
-    f32 = lambda t: None if t is None else t.float()  # noqa: E731
-    loss, g = head_loss_and_grad(spec, logp.float(), old.float(), reward.float(), f32(rate),
-                                 f32(token_weights), f32(ref))
+    loss, g = head_loss_and_grad(spec, logp.float(), inputs.as_float())
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
         g = torch.where(mask, g, torch.zeros_like(g))

@@ -11,14 +11,15 @@ import os
 import torch
 import triton
 
-from .chunked import unit_max_gradients
-from .heads import HeadSpec, LogitScaling
+from .heads import HeadSpec
+from .inputs import RowPass, RowPlan, TokenInputs
 from .ops.backward_atomic import fused_linear_backward_atomic_kernel
 from .ops.backward_dh import fused_linear_backward_dh_kernel
 from .ops.backward_dw import fused_linear_backward_dw_kernel
 from .ops.chunk_rows import chunk_rows_kernel
 from .ops.forward import fused_linear_forward_kernel
 from .ops.loss_head import loss_head_kernel
+from .torch_rows import unit_max_gradients
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -58,46 +59,49 @@ def _dummy(device):
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def forward(hidden, weight, bias, target, rows, old, reward, rate, token_weights, ref,
-            spec: HeadSpec, scaling: LogitScaling, compute_entropy: bool):
+def forward(hidden, weight, bias, plan: RowPlan, row_ids, inputs: TokenInputs, spec: HeadSpec):
+    """The lean forward tile kernel on ``row_ids``: full-length fp32 (logp, lse, entropy,
+    loss, g), 0 on other rows."""
     n_total, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     out = [torch.zeros(n_total, dtype=torch.float32, device=dev) for _ in range(5)]
     logp, lse, entropy, loss, g = out
-    n = rows.numel()
+    n = row_ids.numel()
     if n == 0:
         return tuple(out)
     dummy = _dummy(dev)
     config = tiles("forward", hidden.dtype)
     grid = (triton.cdiv(n, config["BLOCK_N"]),)
+    scaling = plan.scaling
     fused_linear_forward_kernel[grid](
-        hidden, weight, bias if bias is not None else dummy, target, rows,
-        old if old is not None else dummy, reward if reward is not None else dummy,
-        rate if rate is not None else dummy,
-        token_weights if token_weights is not None else dummy,
-        ref if ref is not None else dummy,
+        hidden, weight, bias if bias is not None else dummy, plan.target, row_ids,
+        *inputs.kernel_pointers(dummy),
         logp, lse, entropy, loss, g,
         n, vocab, width,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         **scaling.kernel_args(dummy), **spec.kernel_scalars(),
         HAS_BIAS=bias is not None, **scaling.kernel_flags(),
-        COMPUTE_ENTROPY=bool(compute_entropy), HEAD=spec.code,
-        NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=token_weights is not None,
+        COMPUTE_ENTROPY=bool(plan.compute_entropy), HEAD=spec.code,
+        NORMALIZE=int(spec.normalize), HAS_TOKEN_WEIGHTS=inputs.token_weights is not None,
         KL=spec.kl_code, KL_RATIO=spec.kl_ratio, **config, **_precision(hidden.dtype),
     )
     return tuple(out)
 
 
-def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
-             scaling: LogitScaling, filter_eps, deterministic: bool):
+def backward(hidden, weight, bias, plan: RowPlan, row_ids, saved, g_logp, g_ent,
+             filter_eps, deterministic: bool):
+    """The lean backward tile kernels: fp32 (dH, dW, d bias or None) from the forward's
+    ``saved`` = (lse, entropy) and the per-token gradients of logp and entropy."""
+    lse, entropy = saved
+    target, scaling = plan.target, plan.scaling
     n_total, width = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     dh = torch.zeros((n_total, width), dtype=torch.float32, device=dev)
     dw = torch.zeros((vocab, width), dtype=torch.float32, device=dev)
     db = None if bias is None else torch.zeros(vocab, dtype=torch.float32, device=dev)
-    n = rows.numel()
+    n = row_ids.numel()
     if n == 0:
         return dh, dw, db
     # dz goes to 16-bit before the tensor-core products: it carries no scale (the upstream
@@ -112,7 +116,7 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
         FILTER=filter_eps is not None, **scaling.kernel_flags(), **config,
         **_precision(hidden.dtype),
     )
-    row_args = (hidden, weight, bias if bias is not None else dummy, target, rows, lse,
+    row_args = (hidden, weight, bias if bias is not None else dummy, target, row_ids, lse,
                 entropy, g_logp, g_ent if g_ent is not None else dummy)
     sizes = (n, vocab, width, hidden.stride(0), hidden.stride(1), weight.stride(0),
              weight.stride(1), float(scaling.inv_temperature),
@@ -134,7 +138,8 @@ def backward(hidden, weight, bias, target, rows, lse, entropy, g_logp, g_ent,
     return dh, dw, db
 
 
-def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSpec):
+def head_forward(logp, inputs: TokenInputs, mask, spec: HeadSpec):
+    """A loss head on given log-probs: fp32 (loss_t, g_t), 0 where ``mask`` is False."""
     n = logp.numel()
     loss = torch.empty(n, dtype=torch.float32, device=logp.device)
     g = torch.empty_like(loss)
@@ -143,53 +148,49 @@ def head_forward(logp, old, reward, rate, token_weights, ref, mask, spec: HeadSp
     dummy = _dummy(logp.device)
     block = 1024
     loss_head_kernel[(triton.cdiv(n, block),)](
-        logp, old, reward, rate if rate is not None else dummy,
-        token_weights if token_weights is not None else dummy,
-        ref if ref is not None else dummy,
+        logp, *inputs.kernel_pointers(dummy),
         mask if mask is not None else dummy, loss, g, n, **spec.kernel_scalars(),
         HEAD=spec.code, NORMALIZE=int(spec.normalize), HAS_MASK=mask is not None,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, KL_RATIO=spec.kl_ratio,
-        BLOCK=block,
+        HAS_TOKEN_WEIGHTS=inputs.token_weights is not None, KL=spec.kl_code,
+        KL_RATIO=spec.kl_ratio, BLOCK=block,
     )
     return loss, g
 
 
-def chunk_rows(ws, dz, rows_c, *, bias, target, mask, old, reward, rate, token_weights, ref,
-               scale, spec: HeadSpec, scaling: LogitScaling, compute_entropy, stats, write_dz,
-               out,
-               saved=None, g_logp=None, g_ent=None, entropy_coef=0.0, keep_logits=False,
-               launch=None):
-    """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py); the bias is read
-    in its own dtype. ``entropy_coef`` != 0: the entropy bonus, in the loss and in dz.
-    ``keep_logits`` needs nothing here: only the dz pass writes over the logits. ``launch``:
-    another launch configuration (BLOCK_V, num_warps, num_stages) than GPU_CHUNK_ROWS, for the
-    acceptance run's sweep."""
-    del keep_logits
-    bonus = bool(stats and entropy_coef != 0.0)
+def chunk_rows(ws, dz, rows_c, bias, p: RowPass, launch=None):
+    """The chunked mode's row kernel on one chunk (see ops/chunk_rows.py and ``RowPass``);
+    the bias is read in its own dtype. ``p.keep_logits`` needs nothing here: only the dz pass
+    writes over the logits. ``launch``: another launch configuration (BLOCK_V, num_warps,
+    num_stages) than GPU_CHUNK_ROWS, for the acceptance run's sweep."""
+    bonus = p.entropy_bonus
     c = ws.shape[0]
     if c == 0:
         return
     dev = ws.device
     dummy = _dummy(dev)
-    if stats:
-        per_token = [out[k] for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")]
+    if p.statistics:
+        per_token = [p.out[k] for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")]
     else:
-        rowmax, logsum, entropy = saved
+        rowmax, logsum, entropy = p.saved
         per_token = [dummy, rowmax, logsum, entropy if entropy is not None else dummy,
                      dummy, dummy]
-    opt = lambda t: t if t is not None else dummy  # noqa: E731
+
+    def pointer(t):
+        return t if t is not None else dummy
+
     config = dict(_INTERPRET_CHUNK_ROWS if INTERPRET else (launch or GPU_CHUNK_ROWS))
+    spec, scaling = p.spec, p.scaling
     chunk_rows_kernel[(c,)](
         ws, dz, ws.stride(0), dz.stride(0),
-        opt(bias), target, rows_c, opt(mask), opt(old), opt(reward), opt(rate),
-        opt(token_weights), opt(ref), scale,
-        *per_token, opt(g_logp), opt(g_ent),
+        pointer(bias), p.target, rows_c, pointer(p.mask), *p.inputs.kernel_pointers(dummy),
+        p.scale, *per_token, pointer(p.g_logp), pointer(p.g_ent),
         ws.shape[1], **scaling.kernel_args(dummy), **spec.kernel_scalars(),
-        entropy_coef=float(entropy_coef),
+        entropy_coef=float(p.entropy_coef),
         HAS_BIAS=bias is not None, **scaling.kernel_flags(),
-        HAS_MASK=mask is not None, STATS=bool(stats),
-        WRITE_DZ=bool(write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
-        COMPUTE_ENTROPY=bool(compute_entropy) or bonus, HAS_ENT_GRAD=g_ent is not None or bonus,
-        HAS_TOKEN_WEIGHTS=token_weights is not None, KL=spec.kl_code, KL_RATIO=spec.kl_ratio,
-        ENT_BONUS=bonus, **config,
+        HAS_MASK=p.mask is not None, STATS=bool(p.statistics),
+        WRITE_DZ=bool(p.write_dz), HEAD=spec.code, NORMALIZE=int(spec.normalize),
+        COMPUTE_ENTROPY=bool(p.compute_entropy) or bonus,
+        HAS_ENT_GRAD=p.g_ent is not None or bonus,
+        HAS_TOKEN_WEIGHTS=p.inputs.token_weights is not None, KL=spec.kl_code,
+        KL_RATIO=spec.kl_ratio, ENT_BONUS=bonus, **config,
     )

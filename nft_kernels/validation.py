@@ -1,18 +1,28 @@
 """Input validation: every bad argument fails here with its name, never inside a kernel.
 
-Shape, dtype and device checks are cheap and always run. Value checks (ranges, finiteness,
-target ids) read the data: they run on the device and are read back together, one
-synchronisation with the GPU per call (``ValueChecks``); ``validate=False`` skips them.
+The one room for refusals. Options are checked as they become a ``HeadSpec`` (``nft_head``,
+``ppo_head``) or ``CallOptions``; tensors as ``prepare_fused`` flattens them (shapes, dtypes,
+devices: cheap, always). Value checks (ranges, finiteness, target ids) read the data: they run
+on the device and are read back together, one synchronisation with the GPU per call
+(``ValueChecks``, ``read_back``); ``validate=False`` skips them. With a vocab-sharded weight
+the same checks end in agreement rounds (``vocab_parallel.GroupCall``), which raise a failure
+of any rank on every rank.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from .heads import KL_ALIASES, KL_ESTIMATORS, HeadSpec
+from .inputs import TokenInputs
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCTIONS = ("none", "sum", "mean")
+IMPLS = ("auto", "triton", "torch")
+MODES = ("auto", "chunked", "lean")
 
 
 def _require_tensor(name, value):
@@ -241,3 +251,295 @@ def check_linear_inputs(hidden, weight, bias):
         if bias.dtype != weight.dtype:
             raise TypeError(f"bias dtype {bias.dtype} does not match weight dtype "
                             f"{weight.dtype} (cast it as nn.Linear would need)")
+
+
+# ---- options -> HeadSpec / CallOptions ---------------------------------------------------
+def _kl_fields(ref_logprobs, beta, kl_estimator, kl_bias_correction) -> dict:
+    """HeadSpec fields of the KL-to-reference term: beta >= 0; with beta > 0 the reference
+    log-probs are required (with beta = 0 they are not read)."""
+    check_scalar("beta", beta, low=0.0)
+    if not isinstance(kl_estimator, str) or \
+            KL_ALIASES.get(kl_estimator, kl_estimator) not in KL_ESTIMATORS[1:]:
+        names = ", ".join(repr(k) for k in KL_ESTIMATORS[1:] + tuple(KL_ALIASES))
+        raise ValueError(f"kl_estimator must be one of {names}, got {kl_estimator!r}")
+    if beta > 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when beta > 0 (the reference policy's "
+                         "log-probs of the target tokens, the KL term's anchor)")
+    if not isinstance(kl_bias_correction, bool):
+        raise TypeError(f"kl_bias_correction must be a bool, got {kl_bias_correction!r}")
+    return dict(beta=float(beta), kl=KL_ALIASES.get(kl_estimator, kl_estimator),
+                kl_bias_correction=kl_bias_correction)
+
+
+def _entropy_coef(entropy_coef) -> float:
+    """The entropy bonus's coefficient: any finite number (> 0 rewards entropy)."""
+    check_scalar("entropy_coef", entropy_coef)
+    return float(entropy_coef)
+
+
+def nft_head(*, neg_weight, normalize, clip_negative, rate_clamp, max_log_ratio,
+             ref_logprobs=None, beta=0.0, kl_estimator="k3", kl_bias_correction=False,
+             entropy_coef=0.0) -> HeadSpec:
+    """The NFT head's options, checked (Eq. 8; ``rate_clamp`` bounds r_hat)."""
+    check_scalar("neg_weight", neg_weight, low=0.0)
+    check_scalar("normalize", normalize, integer_choices=(0, 1, 2))
+    check_scalar("clip_negative", clip_negative, low=0.0, low_open=True)
+    check_scalar("max_log_ratio", max_log_ratio, low=0.0, low_open=True)
+    lo, hi = check_rate_clamp(rate_clamp)
+    return HeadSpec(kind="nft", neg_weight=float(neg_weight), normalize=int(normalize),
+                    clip_negative=float(clip_negative), rate_lo=lo, rate_hi=hi,
+                    max_log_ratio=float(max_log_ratio),
+                    **_kl_fields(ref_logprobs, beta, kl_estimator, kl_bias_correction),
+                    entropy_coef=_entropy_coef(entropy_coef))
+
+
+def ppo_head(*, clip_low, clip_high, clip_ratio_c, max_log_ratio, ref_logprobs, beta,
+             kl_estimator, kl_bias_correction, entropy_coef=0.0) -> HeadSpec:
+    """The PPO-clip head's options, checked (GRPO / Dr. GRPO / DAPO, optional dual clip)."""
+    check_scalar("clip_low", clip_low, low=0.0)
+    if clip_low >= 1.0:
+        raise ValueError(f"clip_low must be < 1, got {clip_low!r}")
+    check_scalar("clip_high", clip_high, low=0.0)
+    check_scalar("max_log_ratio", max_log_ratio, low=0.0, low_open=True)
+    if clip_ratio_c is not None:
+        check_scalar("clip_ratio_c", clip_ratio_c, low=1.0, low_open=True)
+    return HeadSpec(kind="ppo", clip_low=float(clip_low), clip_high=float(clip_high),
+                    clip_ratio_c=float(clip_ratio_c or 0.0), max_log_ratio=float(max_log_ratio),
+                    **_kl_fields(ref_logprobs, beta, kl_estimator, kl_bias_correction),
+                    entropy_coef=_entropy_coef(entropy_coef))
+
+
+def sequence_level(level, sequence_ids, filter_eps=None) -> bool:
+    """``importance_sampling_level``: "token", or "sequence" (GSPO) with ``sequence_ids``."""
+    if level not in ("token", "sequence"):
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
+                         f"{level!r}")
+    if level == "sequence" and sequence_ids is None:
+        raise ValueError("sequence_ids is required with importance_sampling_level='sequence' "
+                         "(one integer per token, equal within a response)")
+    if level == "sequence" and filter_eps is not None:
+        raise ValueError("filter_eps does not apply with importance_sampling_level='sequence'")
+    return level == "sequence"
+
+
+# The per-token inputs each head reads (the others are optional), by the names the user gave.
+_REQUIRED = {"none": (), "nft": ("old_logprobs", "rewards", "correct_rate"),
+             "ppo": ("old_logprobs", "advantages")}
+# Inputs that must lie in [0, 1].
+_UNIT_INTERVAL = ("rewards", "correct_rate")
+
+
+def named_token_inputs(spec: HeadSpec, *, old_logprobs=None, rewards=None, advantages=None,
+                       correct_rate=None, token_weights=None, ref_logprobs=None) -> dict:
+    """The per-token arguments a head reads, by the names the user gave them (error
+    messages say ``rewards`` or ``advantages``, not ``signal``); the reference log-probs only
+    where the KL term reads them. The head's required ones must be given."""
+    named = {"old_logprobs": old_logprobs, "rewards": rewards, "advantages": advantages,
+             "correct_rate": correct_rate, "token_weights": token_weights,
+             "ref_logprobs": ref_logprobs if spec.beta > 0 else None}
+    check_required({name: named[name] for name in _REQUIRED[spec.kind]})
+    return {name: t for name, t in named.items() if t is not None}
+
+
+def token_inputs(flat: dict) -> TokenInputs:
+    """``TokenInputs`` from the flattened named per-token tensors."""
+    return TokenInputs(old_logprobs=flat.get("old_logprobs"),
+                       signal=flat.get("rewards", flat.get("advantages")),
+                       correct_rate=flat.get("correct_rate"),
+                       token_weights=flat.get("token_weights"),
+                       ref_logprobs=flat.get("ref_logprobs"))
+
+
+def check_impl(impl) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def check_mode(mode, filter_eps) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "chunked" and filter_eps is not None:
+        raise ValueError("filter_eps skips gradient tiles of the lean mode; it does not apply "
+                         "to mode='chunked' (use mode='lean' or mode='auto', or drop filter_eps)")
+
+
+def check_workspace_bytes(workspace_bytes) -> None:
+    if workspace_bytes is None:
+        return
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be an int (bytes) or None, got "
+                        f"{type(workspace_bytes).__name__}")
+    if workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
+
+
+def check_vocab_start(vocab_start, sharded: bool) -> None:
+    if vocab_start is None:
+        return
+    if not sharded:
+        raise ValueError("vocab_start applies to a vocab-sharded weight (give process_group)")
+    if isinstance(vocab_start, bool) or not isinstance(vocab_start, int):
+        raise TypeError(f"vocab_start must be an int or None, got {vocab_start!r}")
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """The options of one fused call, between the front door and the engines (as Cut
+    Cross-Entropy's params object). ``scalar_loss``: only the reduced loss is differentiated
+    (its gradients may then be computed in the forward); ``compute_entropy``: the per-token
+    entropy is returned (the entropy bonus asks for it too)."""
+    temperature: object = 1.0  # a number, or a tensor of one temperature per token
+    softcap: float | None = None
+    reduction: str = "sum"
+    filter_eps: float | None = None
+    deterministic: bool = False
+    impl: str = "auto"
+    mode: str = "auto"
+    workspace_bytes: int | None = None
+    validate: bool = True
+    compute_entropy: bool = False
+    scalar_loss: bool = True
+    process_group: object = None
+    vocab_start: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, torch.Tensor):
+            check_scalar("temperature", self.temperature, low=0.0, low_open=True)
+        if self.softcap is not None:
+            check_scalar("softcap", self.softcap, low=0.0, low_open=True)
+        check_reduction(self.reduction)
+        check_filter_eps(self.filter_eps)
+        check_impl(self.impl)
+        check_mode(self.mode, self.filter_eps)
+        check_workspace_bytes(self.workspace_bytes)
+
+
+# ---- tensors -> a prepared call ----------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PreparedCall:
+    """A fused call's tensors, checked and flattened: ``hidden`` [N, H], per-token [N]."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    target: torch.Tensor
+    mask: torch.Tensor | None  # bool
+    temperatures: torch.Tensor | None  # one per token (a tensor ``temperature``)
+    named: dict  # the per-token inputs by the user's names
+    lead: tuple  # the leading shape [...] of the call
+    want: tuple  # (dH, dW, d bias) wanted
+
+    @property
+    def inputs(self) -> TokenInputs:
+        return token_inputs(self.named)
+
+
+def _autocast(hidden, weight, bias):
+    """Under ``torch.autocast`` the LM head runs in the autocast dtype, as ``nn.Linear`` would:
+    fp32 master weights are cast for the call (gradients flow back to them in fp32)."""
+    device_type = hidden.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return hidden, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    if dtype not in FLOAT_DTYPES:
+        return hidden, weight, bias
+
+    def cast(t):
+        return t if t is None or t.dtype == dtype else t.to(dtype)
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def prepare_fused(hidden, weight, target, mask, bias, named: dict,
+                  options: CallOptions) -> PreparedCall:
+    """Every check that needs no data, and the flattening: hidden [..., H] -> [N, H], each
+    per-token argument [...] -> [N] (contiguous, on hidden's device)."""
+    check_linear_inputs(hidden, weight, bias)
+    hidden, weight, bias = _autocast(hidden, weight, bias)
+    if bias is not None:
+        bias = bias.contiguous()  # the kernels index the bias with unit stride
+    dev = hidden.device
+    lead = tuple(hidden.shape[:-1])
+    flat = {name: flatten_tokens(name, t, lead, dev).contiguous() for name, t in named.items()}
+    mask_flat = None
+    if mask is not None:
+        mask_flat = (flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+    temps = None
+    if isinstance(options.temperature, torch.Tensor):
+        temps = flatten_tokens("temperature", options.temperature, lead, dev)
+    want = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return PreparedCall(
+        hidden=hidden.reshape(-1, hidden.shape[-1]), weight=weight, bias=bias,
+        target=flatten_tokens("target", target, lead, dev, kind="index").contiguous(),
+        mask=mask_flat, temperatures=temps, named=flat, lead=lead,
+        want=tuple(w and torch.is_grad_enabled() for w in want))
+
+
+def read_back(call: PreparedCall, vocab: int, *, validate: bool, count: bool, group=None,
+              checksums=None):
+    """The call's value checks and, with ``count``, the number of counted tokens, read back
+    together (one synchronisation); raises the first failure. ``group``: the
+    ``vocab_parallel.GroupCall`` of a sharded call, whose round 2 raises a failure of any rank
+    on every rank; ``checksums(checks)`` adds that round's fingerprints. Returns the number of
+    counted tokens (None when not read)."""
+    checks = ValueChecks()
+    if validate:
+        if call.temperatures is not None:
+            checks.positive("temperature", call.temperatures, call.mask)
+        checks.targets(call.target, vocab, call.mask)
+        checks.per_token_values(call.named, _UNIT_INTERVAL, call.mask)
+        checks.finite_tensor("hidden", call.hidden)
+        checks.finite_tensor("weight", call.weight)
+        if call.bias is not None:
+            checks.finite_tensor("bias", call.bias)
+    count_slot = checks.value(call.mask.sum()) if count and call.mask is not None else None
+    if group is None or not validate:
+        host = checks.run()
+    else:
+        host = group.value_checks(checks, count_slot, checksums(checks) if checksums else None)
+    return None if count_slot is None else int(host[count_slot])
+
+
+def check_logprob_inputs(logprobs, named: dict, mask, validate: bool):
+    """The head-on-log-probs path (``nft_loss``, ``ppo_clip_loss``): (logp [N], the named
+    per-token inputs [N], mask [N] or None), checked."""
+    check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
+    lead = tuple(logprobs.shape)
+    dev = logprobs.device
+    flat = {name: flatten_tokens(name, t, lead, dev).contiguous() for name, t in named.items()}
+    mask_flat = None
+    if mask is not None:
+        mask_flat = (flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+    logp = logprobs.reshape(-1).contiguous()
+    if validate:
+        checks = ValueChecks()
+        checks.no_nan("logprobs", logp, mask_flat)
+        checks.per_token_values(flat, _UNIT_INTERVAL, mask_flat)
+        checks.run()
+    return logp, flat, mask_flat
+
+
+def check_sequence_inputs(logp, named: dict, mask, sequence_ids, *, validate: bool,
+                          check_logprobs: bool, group=None):
+    """GSPO's inputs on log-probs [...]: (the named per-token inputs [N], counted [N] bool,
+    each token's response index [N] in [0, S), S). One host synchronisation (the number of
+    responses); ``group``: a sharded call's ``GroupCall`` (its agreement round)."""
+    lead = tuple(logp.shape)
+    dev = logp.device
+    flat = {name: flatten_tokens(name, t, lead, dev) for name, t in named.items()}
+    counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
+    if mask is not None:
+        counted = flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
+    ids = flatten_tokens("sequence_ids", sequence_ids, lead, dev, kind="index")
+    unique, index = torch.unique(ids, return_inverse=True)
+    checks = ValueChecks()
+    if validate:
+        if check_logprobs:
+            checks.no_nan("logprobs", logp.reshape(-1), counted)
+        checks.per_token_values(flat, _UNIT_INTERVAL, counted)
+    if group is None:
+        checks.run()
+    else:
+        group.value_checks(checks, None)
+    return flat, counted, index.reshape(-1), unique.numel()

@@ -35,7 +35,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .backend import MODES
+from .heads import HeadSpec, head_loss_and_grad
+from .inputs import RowPass
+from .torch_rows import write_dz_
+from .validation import MODES
 
 try:
     from torch.distributed.tensor import DTensor
@@ -163,6 +166,14 @@ def local_part(name: str, value, shard_dim0: bool):
         raise ValueError(f"{name}: a DTensor {name} must be replicated (Replicate placements) "
                          f"over the mesh, got {tuple(value.placements)}")
     return value.to_local()
+
+
+def local_parts(hidden, weight, bias):
+    """(hidden, weight, bias) as this rank's tensors: a DTensor ``hidden`` must be
+    replicated, a DTensor weight and bias Shard(0) on the tensor-parallel dimension."""
+    return (local_part("hidden", hidden, shard_dim0=False),
+            local_part("weight", weight, shard_dim0=True),
+            local_part("bias", bias, shard_dim0=True))
 
 
 class GroupCall:
@@ -335,3 +346,88 @@ class VocabShard:
         if dh is not None and self.world > 1:
             self._all_reduce(dh)
         return dh
+
+    def prepare_rows(self, p: RowPass, n_total: int, device, torch_row_math: bool):
+        """For the chunked mode's driver: (the row pass with the targets as this shard's
+        columns, -1 where another rank holds them: the backward's recompute; the forward's
+        per-chunk ``ShardedChunks``, or None for the backward)."""
+        t_stats, t_dz, owned = self.targets(p.target)
+        local = p.changed(target=t_dz)
+        if not p.statistics:
+            return local, None
+        return local, ShardedChunks(self, p, t_stats, t_dz, owned, n_total, device,
+                                    torch_row_math)
+
+
+class ShardedChunks:
+    """The forward of each chunk when the weight is a vocabulary shard: the row kernel's
+    statistics pass on this shard (logits kept), the combination across ranks (two
+    all-reduces of the chunk's rows), the loss head on the shared values, then the row
+    kernel's dz pass with the global log-normalizer (the backward's recompute mode, on the
+    logits still in the workspace: gradients stay in the forward, 6NHV / tp per rank)."""
+
+    def __init__(self, shard: VocabShard, p: RowPass, t_stats, t_dz, owned, n_total, device,
+                 torch_row_math: bool):
+        self.shard, self.p = shard, p
+        self.t_stats, self.t_dz, self.owned = t_stats, t_dz, owned
+        self.bonus = p.entropy_coef != 0.0
+        self.need_entropy = p.compute_entropy or self.bonus
+        # The torch row math without entropy or soft cap leaves e = exp(x - m) in the
+        # workspace after its statistics; then p = e / s needs no second exp.
+        self.from_exp = (torch_row_math and not self.need_entropy
+                         and p.scaling.softcap is None)
+        zeros = lambda: torch.zeros(n_total, dtype=torch.float32, device=device)  # noqa: E731
+        self.g_buf = zeros() if p.write_dz else None
+        self.ge_buf = zeros() if p.write_dz and self.bonus else None
+
+    def chunk(self, row_pass, ws, dz, rows_c):
+        p, out = self.p, self.p.out
+        row_pass(ws, dz, rows_c, p.changed(
+            target=self.t_stats, spec=HeadSpec(), write_dz=False,
+            compute_entropy=self.need_entropy, entropy_coef=0.0,
+            keep_logits=not self.from_exp))
+
+        def of_chunk(t):
+            return t.index_select(0, rows_c)
+
+        logsum_r = of_chunk(out["logsum"])
+        logp, delta, entropy = self.shard.combine(
+            of_chunk(out["logp"]), of_chunk(out["rowmax"]) + logsum_r,
+            of_chunk(out["entropy"]) if self.need_entropy else None, of_chunk(self.owned))
+        counted = None if p.mask is None else of_chunk(p.mask)
+        zero = torch.zeros_like(logp)
+
+        def where_counted(v):
+            return v if counted is None else torch.where(counted, v, zero)
+
+        logsum = where_counted(logsum_r + delta)
+        out["logp"][rows_c] = where_counted(logp)
+        out["logsum"][rows_c] = logsum
+        if self.need_entropy:
+            out["entropy"][rows_c] = where_counted(entropy)
+        g, g_ent = zero, None
+        if p.spec.kind != "none":
+            inputs = p.inputs.select(rows_c)
+            loss, g = head_loss_and_grad(p.spec, logp, inputs)
+            if self.bonus:  # - c w H per token, as the row kernel's ENT_BONUS
+                ent_weight = p.entropy_coef * (1.0 if inputs.token_weights is None
+                                               else inputs.token_weights)
+                loss = loss - ent_weight * entropy
+                g_ent = where_counted(-ent_weight * p.scale + zero)
+            out["loss"][rows_c] = where_counted(loss)
+            out["g"][rows_c] = where_counted(g)
+        if not p.write_dz:
+            return
+        g = where_counted(g) * p.scale
+        if self.from_exp:  # ws holds e = exp(x - m): p = e / exp(global log s)
+            write_dz_(ws, ws, g=g, target=of_chunk(self.t_dz), p_divisor=torch.exp(logsum),
+                      inv_t=p.scaling.inv(rows_c), counted=counted)
+            return
+        self.g_buf[rows_c] = g
+        if g_ent is not None:
+            self.ge_buf[rows_c] = g_ent
+        row_pass(ws, dz, rows_c, p.changed(
+            target=self.t_dz, spec=HeadSpec(), statistics=False, write_dz=True,
+            compute_entropy=False, entropy_coef=0.0,
+            saved=(out["rowmax"], out["logsum"], out["entropy"]), g_logp=self.g_buf,
+            g_ent=self.ge_buf))

@@ -17,7 +17,7 @@ from helpers import (
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nft_kernels import chunked, fused_linear_nft_loss
+from nft_kernels import fused_linear_nft_loss, torch_rows
 
 PROPERTY = property_settings()
 
@@ -57,13 +57,13 @@ def test_a_zero_coefficient_does_no_entropy_work(monkeypatch):
     """entropy_coef = 0 (the default) computes no entropy and no entropy gradient (verl #1720):
     the row math is asked for neither, and the result equals the call without the option."""
     seen = []
-    real = chunked.torch_rows
+    real = torch_rows.chunk_rows
 
-    def spy(*args, **kwargs):
-        seen.append((kwargs["compute_entropy"], kwargs["entropy_coef"], kwargs["g_ent"]))
-        return real(*args, **kwargs)
+    def spy(ws, rows_c, bias32, p):
+        seen.append((p.compute_entropy, p.entropy_coef, p.g_ent))
+        return real(ws, rows_c, bias32, p)
 
-    monkeypatch.setattr(chunked, "torch_rows", spy)
+    monkeypatch.setattr(torch_rows, "chunk_rows", spy)
     p = make_problem(20, 16, 40, torch.float32, "cpu", seed=4)
     args = (p["hidden"], p["weight"], p["target"], p["old"], p["rewards"], p["rate"], p["mask"])
     plain = fused_linear_nft_loss(*args, impl="torch", mode="chunked")

@@ -12,6 +12,7 @@ from helpers import GRAD_RTOL, assert_close_scaled
 
 from nft_kernels import chunked, fused_linear_logprobs, fused_linear_nft_loss
 from nft_kernels.heads import HeadSpec, LogitScaling
+from nft_kernels.inputs import RowPlan, TokenInputs
 from nft_kernels.reference import reference_logprobs, reference_nft_loss
 
 N, H, V = 24, 16, 4096
@@ -78,9 +79,9 @@ def test_mean_scale_is_applied_after_the_gemms():
     rewards = (torch.rand(N, generator=gen) < 0.5).float()
     rate = torch.full((N,), 0.5)
     scale = torch.tensor(1.0 / 16384)
-    _, dh, dw, _ = chunked.run(hidden, weight, None, target, None, None, old, rewards, rate,
-                               None, None, HeadSpec(kind="nft"), LogitScaling(), False,
-                               row_op="triton", workspace_bytes=1 << 20, stats=True,
+    _, dh, dw, _ = chunked.run(hidden, weight, None, RowPlan(target, LogitScaling()),
+                               TokenInputs(old, rewards, rate), HeadSpec(kind="nft"),
+                               row_op="triton", workspace_bytes=1 << 20,
                                write_grads=(True, True, False), grad_scale=scale)
     h64 = hidden.double().requires_grad_(True)
     w64 = weight.double().requires_grad_(True)

@@ -65,7 +65,8 @@ TRL_VERSION = check_version("trl")
 
 from trl import GRPOConfig, GRPOTrainer
 
-from ..api import _nft_spec, fused_linear_logprobs, fused_linear_nft_loss
+from ..api import fused_linear_logprobs, fused_linear_nft_loss
+from ..validation import nft_head
 from . import NFT_LOSS_DEFAULTS
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -164,8 +165,9 @@ def check_supported(args) -> dict:
         raise ValueError(f"nft_rate_clamp must be two numbers [low, high], got "
                          f"{args.nft_rate_clamp!r}")
     try:
-        _nft_spec(args.nft_neg_weight, args.nft_normalize, args.nft_clip_negative, rate_clamp,
-                  args.nft_max_log_ratio)
+        nft_head(neg_weight=args.nft_neg_weight, normalize=args.nft_normalize,
+                 clip_negative=args.nft_clip_negative, rate_clamp=rate_clamp,
+                 max_log_ratio=args.nft_max_log_ratio)
     except ValueError as err:   # the kernel names its argument; the user set the config field
         message = str(err)
         for kernel, config in CONFIG_FIELDS.items():

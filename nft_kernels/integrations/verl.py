@@ -43,7 +43,8 @@ from verl.trainer.ppo.core_algos import (
     register_policy_loss,
 )
 
-from ..api import _nft_spec, nft_loss
+from ..api import nft_loss
+from ..validation import nft_head
 from . import NFT_LOSS_DEFAULTS
 
 PAPER_DEFAULTS = dict(NFT_LOSS_DEFAULTS)
@@ -131,8 +132,9 @@ def register(name: str = "nft", **settings):
     if unknown:
         raise TypeError(f"unknown NFT setting(s) {sorted(unknown)}; known: "
                         f"{sorted(PAPER_DEFAULTS)}")
-    _nft_spec(merged["neg_weight"], merged["normalize"], merged["clip_negative"],
-              tuple(merged["rate_clamp"]), merged["max_log_ratio"])   # ValueError naming it
+    nft_head(neg_weight=merged["neg_weight"], normalize=merged["normalize"],   # ValueError
+             clip_negative=merged["clip_negative"], rate_clamp=tuple(merged["rate_clamp"]),
+             max_log_ratio=merged["max_log_ratio"])                        # naming it
     existing = POLICY_LOSS_REGISTRY.get(name)
     if existing is not None and getattr(existing, "nft_settings", None) is None:
         raise ValueError(f"verl already has a policy loss named {name!r} that is not NFT's; "
