@@ -33,7 +33,10 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__" and not __package__:
+    # `python bench/cost_model.py`: the repository root on the path, as `python -m bench.cost_model`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from nft_kernels.chunked import rows_per_chunk  # noqa: E402
 
 # H200 SXM: cuBLAS bf16 GEMMs assumed at ~700 TF/s at these shapes (an H100 was measured at

@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if __name__ == "__main__" and not __package__:
+    # `python bench/gpu_acceptance.py`: the repository root on the path, as `python -m bench.gpu_acceptance`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 # The real run and its CPU rehearsal: the same steps, files and code paths, other sizes.
 PLANS = {
     "gpu": dict(head=("Qwen2.5-7B", 3584, 152064), tokens=(4096, 16384), dtype="bf16",
@@ -63,7 +66,7 @@ def _env(rehearsal: bool):
     env.pop("TRITON_INTERPRET", None)
     if rehearsal:
         env["TRITON_INTERPRET"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "bench")] + [
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [
         p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -140,8 +143,8 @@ def smoke(plan_name) -> int:
     against the documented bound. Prints STEP-RESULT {json}."""
     import torch
 
-    from implementations import IMPLEMENTATIONS  # noqa: PLC0415
-    from loss_throughput import (  # noqa: PLC0415
+    from bench.implementations import IMPLEMENTATIONS  # noqa: PLC0415
+    from bench.loss_throughput import (  # noqa: PLC0415
         DTYPES,
         make_inputs,
         reference_on_slice,
@@ -197,7 +200,7 @@ def profile_into(out: Path, plan_name) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from loss_throughput import make_inputs  # noqa: PLC0415
+    from bench.loss_throughput import make_inputs  # noqa: PLC0415
     from nft_kernels import fused_linear_nft_loss, triton_launch  # noqa: PLC0415
     from nft_kernels.heads import HeadSpec, LogitScaling  # noqa: PLC0415
     from nft_kernels.inputs import RowPass, TokenInputs  # noqa: PLC0415
@@ -371,7 +374,7 @@ def _tests_summary(record):
 
 def _prediction(plan):
     try:
-        from cost_model import predict  # noqa: PLC0415
+        from bench.cost_model import predict  # noqa: PLC0415
     except ImportError:
         return None
     _, h, v = plan["head"]
@@ -390,7 +393,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     plan_name = "rehearsal" if args.rehearsal else "gpu"
     if args.smoke or args.profile_into:
-        sys.path.insert(0, str(ROOT / "bench"))
         return smoke(plan_name) if args.smoke else profile_into(args.profile_into, plan_name)
     import torch
     import triton
@@ -404,7 +406,6 @@ def main(argv=None):
     out = args.out or ROOT / "bench" / "results" / (
         device.replace(" ", "_") + "-" + dt.date.today().isoformat())
     out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(ROOT / "bench"))
     prediction = _prediction(plan)
     meta = dict(device=device, date=dt.date.today().isoformat(), torch=torch.__version__,
                 triton=triton.__version__, python=platform.python_version(), plan=plan_name,

@@ -37,9 +37,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import implementations  # noqa: E402
-from implementations import IMPLEMENTATIONS  # noqa: E402
+if __name__ == "__main__" and not __package__:
+    # `python bench/loss_throughput.py`: the repository root on the path, as `python -m bench.loss_throughput`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from bench import implementations  # noqa: E402
+from bench.implementations import IMPLEMENTATIONS  # noqa: E402
 
 from nft_kernels import extra_memory_bytes, fused_linear_logprobs  # noqa: E402
 from nft_kernels.backend import resolve_impl  # noqa: E402

@@ -32,7 +32,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if __name__ == "__main__" and not __package__:
+    # `python bench/static_sm90.py`: the repository root on the path, as `python -m bench.static_sm90`
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 H100_SHARED_BYTES = 227 * 1024
 DTYPES = ("bf16", "fp16", "fp32")

@@ -247,11 +247,10 @@ def _fused_on_rank(hidden, weight, target, mask, bias, spec: HeadSpec, named: di
     # The value checks, with the number of counted tokens (then padded tokens are dropped
     # before any GEMM); without validation the count stays on the device (no
     # synchronisation). Sharded: round 2 raises a failed check on every rank.
-    count = options.validate or not eng.takes_device_mask
     counted = val.read_back(
-        prepared, vocab, validate=options.validate, count=count, group=call,
-        checksums=None if call is None else
-        (lambda checks: vp.agreement_checksums(checks, prepared.target, prepared.mask)))
+        prepared, vocab, validate=options.validate,
+        count=options.validate or not eng.takes_device_mask, group=call,
+        checksums=None if call is None else vp.agreement_checksums)
     compute_entropy = options.compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
     plan = row_plan(prepared, counted, temperature=options.temperature,
                     softcap=options.softcap, compute_entropy=compute_entropy)

@@ -194,8 +194,7 @@ def engine(impl: str, mode: str, device: torch.device, vocab: int, *, filter_eps
     budget = workspace_budget(workspace_bytes, device)
     if chosen == "chunked" and budget < 4 * vocab:
         if mode == "chunked":
-            raise ValueError(f"workspace_bytes={budget} cannot hold one row of fp32 logits "
-                             f"(4 * V = {4 * vocab} bytes); raise it or use mode='lean'")
+            validation.refuse_small_workspace(budget, vocab)
         chosen = "lean"
     if chosen == "chunked":
         return ChunkedEngine(which, budget, shard)

@@ -151,49 +151,38 @@ def run(hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec
     vocab = weight.shape[0]
     dev = hidden.device
     statistics = saved is None
-    want_dh, want_dw, want_db = write_grads
-    write_dz = want_dh or want_dw or want_db
+    write_dz = any(write_grads)
     out = None
     if statistics:
         out = {k: torch.zeros(n_total, dtype=torch.float32, device=dev)
                for k in ("logp", "rowmax", "logsum", "entropy", "loss", "g")}
-    partial_dh = shard is not None and shard.world > 1
-    dh = None
-    if want_dh:
-        dh = torch.zeros(hidden.shape, dtype=torch.float32 if partial_dh else hidden.dtype,
-                         device=dev)
     rows, mask = plan.rows, plan.device_mask
     n = n_total if rows is None else rows.numel()
-    dw = None
-    if want_dw:  # the first chunk's GEMM writes it whole (no rows: zeros)
-        dw = (torch.zeros if n == 0 else torch.empty)(weight.shape, dtype=torch.float32,
-                                                      device=dev)
-    db = torch.zeros(vocab, dtype=torch.float32, device=dev) if want_db else None
-    if n == 0:
-        return out, dh, dw, db
-
     gemm_dtype = _gemm_dtype(hidden)
-    w_g = weight if weight.dtype == gemm_dtype else weight.to(gemm_dtype)  # CPU 16-bit only
+    grads = _Gradients(hidden, weight, write_grads, n, gemm_dtype, rows is None,
+                       partial_dh=shard is not None and shard.world > 1)
+    if n == 0:
+        return out, grads.dh, grads.dw, grads.db
+
     bias32 = None if bias is None else bias.float()
     if grad_scale is None:
         grad_scale = torch.ones((), dtype=torch.float32, device=dev)
-    row_ids = plan.row_ids(n_total, dev)
     # The row kernel writes 16-bit dz in the first half of each fp32 row of the workspace (row
     # stride 2V); the torch row math writes fp32 dz over the logits.
     dz_dtype = hidden.dtype if row_op != "torch" else torch.float32
     # 16-bit dz carries no scale (``torch_rows.unit_max_gradients``): the forward's reduction
     # scale and the backward's per-token gradients are applied to the GEMMs' results instead.
-    post_scale, weight_max = None, None
+    weight_max = None
     if write_dz and dz_dtype != torch.float32:
         if statistics:
-            post_scale = grad_scale
+            grads.post_scale = grad_scale
             grad_scale = torch.ones((), dtype=torch.float32, device=dev)
             if inputs.token_weights is not None:  # an aggregation's 1 / (global tokens) too
                 unit, weight_max = _unit_max_weights(inputs.token_weights, rows, mask)
                 inputs = inputs.with_token_weights(unit)
-                post_scale = post_scale * weight_max
+                grads.post_scale = grads.post_scale * weight_max
         else:
-            g_logp, g_ent, post_scale = torch_rows.unit_max_gradients(g_logp, g_ent)
+            g_logp, g_ent, grads.post_scale = torch_rows.unit_max_gradients(g_logp, g_ent)
     # Sharded: every rank sizes its chunks by the largest shard, so that all ranks take the
     # same number of chunks (and of per-chunk all-reduces).
     c = rows_per_chunk(workspace_bytes, vocab if shard is None else shard.max_size, n)
@@ -216,44 +205,73 @@ def run(hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec
 
             triton_launch.chunk_rows(ws, dz, rows_c, bias, p)
 
+    row_ids = plan.row_ids(n_total, dev)
     for c0, c1 in _chunks(n, c):
         rows_c = row_ids[c0:c1]
         h_c = hidden[c0:c1] if rows is None else hidden.index_select(0, rows_c)
         if h_c.dtype != gemm_dtype:
             h_c = h_c.to(gemm_dtype)
         ws = workspace[: c1 - c0]
-        _logits_into(ws, h_c, w_g)
+        _logits_into(ws, h_c, grads.w_gemm)
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
         if sharded is not None:
             sharded.chunk(row_pass, ws, dz, rows_c)
         else:
             row_pass(ws, dz, rows_c, row_pass_spec)
-        if not write_dz:
-            continue
-        if dz.dtype != gemm_dtype:  # CPU, 16-bit dz (interpreted kernel): GEMMs in fp32
-            dz = dz.to(gemm_dtype)
-        if want_db:
-            db += dz.sum(dim=0, dtype=torch.float32)
-        if want_dh:
-            if rows is None and dh.dtype == gemm_dtype and post_scale is None:
-                torch.mm(dz, w_g, out=dh[c0:c1])
-            else:
-                dh_c = _mm_fp32(dz, w_g)
-                if post_scale is not None:
-                    dh_c.mul_(post_scale)
-                dh.index_copy_(0, rows_c, dh_c.to(dh.dtype))
-        if want_dw:
-            if mask is not None:  # padded rows left in place: dz is 0 there, h may be NaN
-                h_c = h_c.masked_fill(~mask.index_select(0, rows_c)[:, None], 0.0)
-            _add_weight_grad(dw, dz, h_c, first=c0 == 0)
-    if post_scale is not None:  # fp32 accumulators
-        for grad in (dw, db):
-            if grad is not None:
-                grad.mul_(post_scale)
+        if write_dz:
+            if mask is not None and grads.dw is not None:  # padded rows left in place: dz
+                h_c = h_c.masked_fill(~mask.index_select(0, rows_c)[:, None], 0.0)  # is 0
+            grads.add_chunk(dz, h_c, rows_c, c0, c1)  # there, h may be NaN
+    grads.finish()
     if weight_max is not None:  # the per-token outputs of the actual token weights
         out["loss"].mul_(weight_max)
         out["g"].mul_(weight_max)
-    return out, dh, dw, db
+    return out, grads.dh, grads.dw, grads.db
+
+
+class _Gradients:
+    """dH, dW and d bias of one chunked pass, accumulated chunk by chunk by the vendor GEMMs
+    (dW and d bias in fp32). ``post_scale``: a factor of the fp32 results that 16-bit dz
+    could not carry (``torch_rows.unit_max_gradients``)."""
+
+    def __init__(self, hidden, weight, wanted, n_rows, gemm_dtype, every_row, partial_dh):
+        want_dh, want_dw, want_db = wanted
+        dev = hidden.device
+        self.gemm_dtype, self.every_row, self.post_scale = gemm_dtype, every_row, None
+        # CPU 16-bit only: BLAS has no 16-bit GEMM with an fp32 result.
+        self.w_gemm = weight if weight.dtype == gemm_dtype else weight.to(gemm_dtype)
+        self.dh = None
+        if want_dh:  # a vocab shard's part of dH is all-reduced in fp32
+            self.dh = torch.zeros(hidden.shape, device=dev,
+                                  dtype=torch.float32 if partial_dh else hidden.dtype)
+        self.dw = None
+        if want_dw:  # the first chunk's GEMM writes it whole (no rows: zeros)
+            self.dw = (torch.zeros if n_rows == 0 else torch.empty)(
+                weight.shape, dtype=torch.float32, device=dev)
+        self.db = torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if want_db \
+            else None
+
+    def add_chunk(self, dz, h_c, rows_c, c0, c1):
+        if dz.dtype != self.gemm_dtype:  # CPU, 16-bit dz (interpreted kernel): GEMMs in fp32
+            dz = dz.to(self.gemm_dtype)
+        if self.db is not None:
+            self.db += dz.sum(dim=0, dtype=torch.float32)
+        if self.dh is not None:
+            if self.every_row and self.dh.dtype == self.gemm_dtype and self.post_scale is None:
+                torch.mm(dz, self.w_gemm, out=self.dh[c0:c1])
+            else:
+                dh_c = _mm_fp32(dz, self.w_gemm)
+                if self.post_scale is not None:
+                    dh_c.mul_(self.post_scale)
+                self.dh.index_copy_(0, rows_c, dh_c.to(self.dh.dtype))
+        if self.dw is not None:
+            _add_weight_grad(self.dw, dz, h_c, first=c0 == 0)
+
+    def finish(self):
+        if self.post_scale is not None:  # fp32 accumulators
+            for grad in (self.dw, self.db):
+                if grad is not None:
+                    grad.mul_(self.post_scale)
 
 
 def _unit_max_weights(token_weights, rows, mask):

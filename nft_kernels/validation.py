@@ -384,6 +384,46 @@ def check_vocab_start(vocab_start, sharded: bool) -> None:
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
 
 
+def refuse_small_workspace(workspace_bytes: int, vocab: int):
+    """mode='chunked' with a workspace smaller than one row of fp32 logits."""
+    raise ValueError(f"workspace_bytes={workspace_bytes} cannot hold one row of fp32 logits "
+                     f"(4 * V = {4 * vocab} bytes); raise it or use mode='lean'")
+
+
+def check_process_group(process_group) -> None:
+    """A plain vocab shard's ``process_group``: a ProcessGroup of an initialized job."""
+    import torch.distributed as dist  # noqa: PLC0415 - only for sharded calls
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("process_group is given but torch.distributed is not initialized")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got "
+                        f"{type(process_group).__name__}")
+
+
+def check_dtensor_weight(weight, process_group) -> int:
+    """A DTensor weight: Shard(0) on one mesh dimension (returned: the tensor-parallel one)
+    and Replicate on the others; its mesh names the group, so no ``process_group``."""
+    if process_group is not None:
+        raise ValueError("process_group must be None with a DTensor weight (its device mesh "
+                         "already names the tensor-parallel group)")
+    placements = tuple(weight.placements)
+    dims = [i for i, p in enumerate(placements) if p.is_shard(0)]
+    others = [p for i, p in enumerate(placements) if i not in dims and not p.is_replicate()]
+    if len(dims) != 1 or others:
+        raise ValueError(f"weight: a DTensor weight must be Shard(0) on one mesh dimension "
+                         f"(the tensor-parallel one) and Replicate on the others, got "
+                         f"placements {placements}")
+    return dims[0]
+
+
+def check_replicated(name: str, value) -> None:
+    """A DTensor ``hidden`` (or other per-token argument) is the same on every rank."""
+    if not all(p.is_replicate() for p in value.placements):
+        raise ValueError(f"{name}: a DTensor {name} must be replicated (Replicate placements) "
+                         f"over the mesh, got {tuple(value.placements)}")
+
+
 @dataclass(frozen=True)
 class CallOptions:
     """The options of one fused call, between the front door and the engines (as Cut
@@ -481,8 +521,8 @@ def read_back(call: PreparedCall, vocab: int, *, validate: bool, count: bool, gr
     """The call's value checks and, with ``count``, the number of counted tokens, read back
     together (one synchronisation); raises the first failure. ``group``: the
     ``vocab_parallel.GroupCall`` of a sharded call, whose round 2 raises a failure of any rank
-    on every rank; ``checksums(checks)`` adds that round's fingerprints. Returns the number of
-    counted tokens (None when not read)."""
+    on every rank; ``checksums(checks, target, mask)`` adds that round's fingerprints of the
+    targets and the mask. Returns the number of counted tokens (None when not read)."""
     checks = ValueChecks()
     if validate:
         if call.temperatures is not None:
@@ -497,7 +537,8 @@ def read_back(call: PreparedCall, vocab: int, *, validate: bool, count: bool, gr
     if group is None or not validate:
         host = checks.run()
     else:
-        host = group.value_checks(checks, count_slot, checksums(checks) if checksums else None)
+        slots = checksums(checks, call.target, call.mask) if checksums else None
+        host = group.value_checks(checks, count_slot, slots)
     return None if count_slot is None else int(host[count_slot])
 
 

@@ -38,7 +38,8 @@ import torch.distributed as dist
 from .heads import HeadSpec, head_loss_and_grad
 from .inputs import RowPass
 from .torch_rows import write_dz_
-from .validation import MODES
+from .validation import (MODES, check_dtensor_weight, check_process_group,
+                         check_replicated)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -135,24 +136,11 @@ def tensor_parallel_group(weight, process_group):
     A DTensor weight names its own group: the mesh dimension where it is ``Shard(0)``. Plain
     tensors are local shards of the group given as ``process_group``."""
     if is_dtensor(weight):
-        if process_group is not None:
-            raise ValueError("process_group must be None with a DTensor weight (its device mesh "
-                             "already names the tensor-parallel group)")
-        placements = tuple(weight.placements)
-        dims = [i for i, p in enumerate(placements) if p.is_shard(0)]
-        others = [p for i, p in enumerate(placements) if i not in dims and not p.is_replicate()]
-        if len(dims) != 1 or others:
-            raise ValueError(f"weight: a DTensor weight must be Shard(0) on one mesh dimension "
-                             f"(the tensor-parallel one) and Replicate on the others, got "
-                             f"placements {placements}")
-        return weight.device_mesh.get_group(dims[0])
+        dim = check_dtensor_weight(weight, process_group)
+        return weight.device_mesh.get_group(dim)
     if process_group is None:
         return None
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("process_group is given but torch.distributed is not initialized")
-    if not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got "
-                        f"{type(process_group).__name__}")
+    check_process_group(process_group)
     return process_group
 
 
@@ -162,9 +150,8 @@ def local_part(name: str, value, shard_dim0: bool):
     bias (Shard(0) on the tensor-parallel dimension); other arguments must be replicated."""
     if not is_dtensor(value):
         return value
-    if not shard_dim0 and not all(p.is_replicate() for p in value.placements):
-        raise ValueError(f"{name}: a DTensor {name} must be replicated (Replicate placements) "
-                         f"over the mesh, got {tuple(value.placements)}")
+    if not shard_dim0:
+        check_replicated(name, value)
     return value.to_local()
 
 
@@ -376,9 +363,12 @@ class ShardedChunks:
         # workspace after its statistics; then p = e / s needs no second exp.
         self.from_exp = (torch_row_math and not self.need_entropy
                          and p.scaling.softcap is None)
-        zeros = lambda: torch.zeros(n_total, dtype=torch.float32, device=device)  # noqa: E731
-        self.g_buf = zeros() if p.write_dz else None
-        self.ge_buf = zeros() if p.write_dz and self.bonus else None
+        # The per-token gradients handed to the dz pass (written chunk by chunk).
+        self.g_buf = self.ge_buf = None
+        if p.write_dz:
+            self.g_buf = torch.zeros(n_total, dtype=torch.float32, device=device)
+            if self.bonus:
+                self.ge_buf = torch.zeros_like(self.g_buf)
 
     def chunk(self, row_pass, ws, dz, rows_c):
         p, out = self.p, self.p.out

@@ -35,7 +35,7 @@ from .tiles import soft_cap, soft_cap_derivative
 def chunk_rows_kernel(
     logits_ptr, dz_ptr, stride_logits, stride_dz,
     bias_ptr, target_ptr, rows_ptr, mask_ptr,
-    old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr, scale_ptr,
+    old_ptr, signal_ptr, correct_rate_ptr, token_weight_ptr, ref_ptr, scale_ptr,
     logp_ptr, rowmax_ptr, logsum_ptr, entropy_ptr, loss_ptr, g_ptr,
     g_logp_ptr, g_ent_ptr,
     V, inv_temperature, softcap, inv_t_ptr,
@@ -96,7 +96,7 @@ def chunk_rows_kernel(
         tl.store(logsum_ptr + row, tl.where(counted, log_s, 0.0))
         if COMPUTE_ENTROPY:
             tl.store(entropy_ptr + row, tl.where(counted, entropy, 0.0))
-        loss, g = head_from_pointers(logp, row, counted, old_ptr, reward_ptr, rate_ptr,
+        loss, g = head_from_pointers(logp, row, counted, old_ptr, signal_ptr, correct_rate_ptr,
                                      token_weight_ptr, ref_ptr, neg_weight, clip_negative,
                                      rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
                                      max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,

@@ -21,7 +21,7 @@ from .tiles import row_inv_temperature, scaled_logits_tile
 @triton.jit
 def fused_linear_forward_kernel(
     hidden_ptr, weight_ptr, bias_ptr, target_ptr, rows_ptr,
-    old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr,
+    old_ptr, signal_ptr, correct_rate_ptr, token_weight_ptr, ref_ptr,
     logp_ptr, lse_ptr, entropy_ptr, loss_ptr, grad_ptr,
     n_rows, V, H,
     stride_hn, stride_hh, stride_wv, stride_wh,
@@ -77,7 +77,7 @@ def fused_linear_forward_kernel(
         tl.store(entropy_ptr + rows, log_s - t / s, mask=row_ok)
 
     if HEAD != HEAD_NONE:
-        loss, g = head_from_pointers(logp, rows, row_ok, old_ptr, reward_ptr, rate_ptr,
+        loss, g = head_from_pointers(logp, rows, row_ok, old_ptr, signal_ptr, correct_rate_ptr,
                                      token_weight_ptr, ref_ptr, neg_weight, clip_negative,
                                      rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c,
                                      max_log_ratio, beta, HEAD, NORMALIZE, HAS_TOKEN_WEIGHTS,

@@ -113,7 +113,7 @@ def kl_penalty(logp, ref, KL: tl.constexpr):
 
 
 @triton.jit
-def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr,
+def head_from_pointers(logp, idx, ok, old_ptr, signal_ptr, correct_rate_ptr, token_weight_ptr, ref_ptr,
                        neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high,
                        clip_ratio_c, max_log_ratio, beta, HEAD: tl.constexpr,
                        NORMALIZE: tl.constexpr, HAS_TOKEN_WEIGHTS: tl.constexpr,
@@ -127,13 +127,13 @@ def head_from_pointers(logp, idx, ok, old_ptr, reward_ptr, rate_ptr, token_weigh
     g = tl.zeros_like(logp)
     if HEAD == HEAD_NFT:
         old = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        reward = tl.load(reward_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        rate = tl.load(rate_ptr + idx, mask=ok, other=0.5).to(tl.float32)
+        reward = tl.load(signal_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        rate = tl.load(correct_rate_ptr + idx, mask=ok, other=0.5).to(tl.float32)
         loss, g = nft_head(logp, old, reward, rate, neg_weight, clip_negative, rate_lo, rate_hi,
                            max_log_ratio, NORMALIZE)
     elif HEAD == HEAD_PPO:
         old = tl.load(old_ptr + idx, mask=ok, other=0.0).to(tl.float32)
-        advantage = tl.load(reward_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+        advantage = tl.load(signal_ptr + idx, mask=ok, other=0.0).to(tl.float32)
         loss, g = ppo_clip_head(logp, old, advantage, clip_low, clip_high, clip_ratio_c,
                                 max_log_ratio)
     if KL != 0:

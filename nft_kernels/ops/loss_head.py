@@ -15,7 +15,7 @@ from .heads import head_from_pointers
 
 @triton.jit
 def loss_head_kernel(
-    logp_ptr, old_ptr, reward_ptr, rate_ptr, token_weight_ptr, ref_ptr, mask_ptr, loss_ptr,
+    logp_ptr, old_ptr, signal_ptr, correct_rate_ptr, token_weight_ptr, ref_ptr, mask_ptr, loss_ptr,
     grad_ptr, n,
     neg_weight, clip_negative, rate_lo, rate_hi, clip_low, clip_high, clip_ratio_c, max_log_ratio,
     beta,
@@ -26,7 +26,7 @@ def loss_head_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     logp = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    loss, g = head_from_pointers(logp, offs, ok, old_ptr, reward_ptr, rate_ptr, token_weight_ptr,
+    loss, g = head_from_pointers(logp, offs, ok, old_ptr, signal_ptr, correct_rate_ptr, token_weight_ptr,
                                  ref_ptr, neg_weight, clip_negative, rate_lo, rate_hi, clip_low,
                                  clip_high, clip_ratio_c, max_log_ratio, beta, HEAD, NORMALIZE,
                                  HAS_TOKEN_WEIGHTS, KL, KL_RATIO)
