@@ -20,7 +20,8 @@ from . import validation as val
 from . import vocab_parallel as vp
 from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
 from .backend import engine, head_module, row_plan
-from .heads import HeadSpec, reduce_loss, reduction_scale
+from .heads import (HeadSpec, check_loss_per_token, kl_and_grad, reduce_loss,
+                    reduction_scale)
 
 
 @torch.compiler.disable
@@ -197,6 +198,78 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, mask=None, *, clip_low=0.2
     return _on_logprobs(logprobs, spec, named, mask, reduction, impl, validate)
 
 
+@torch.compiler.disable
+def fused_linear_policy_loss(hidden, weight, target, loss_fn, mask=None, *, per_token=None,
+                             bias=None, temperature=1.0, softcap=None, token_weights=None,
+                             ref_logprobs=None, beta=0.0, kl_estimator="k3",
+                             kl_bias_correction=False, entropy_coef=0.0, reduction="sum",
+                             filter_eps=None, deterministic=False, impl="auto", mode="auto",
+                             workspace_bytes=None, validate=True, return_stats=False,
+                             process_group=None, vocab_start=None):
+    """Any per-token policy loss, fused with the LM head: ``loss_fn(logp, **per_token)``.
+
+    ``loss_fn`` is a plain torch function of the tokens' log-probs (fp32 [n]) and the
+    per-token tensors of ``per_token`` (name -> [...] tensor, handed to it as [n] fp32 by
+    name: old log-probs, advantages, rewards, anything), returning one loss per token [n].
+    Its derivative g = d loss_t / d logp_t is taken by autograd on that O(n) function inside
+    each chunk of rows, and dz = g (onehot - p) / T is formed in the same fused pass: a "sum"
+    or "mean" loss keeps its gradients in the forward (6NHV) in the chunked mode, as the
+    built-in heads do. ``nft_kernels.losses`` builds CISPO, SAPO and W-REINFORCE / NSR this
+    way.
+
+    Each token's loss must read only its own log-prob and inputs (checked with
+    ``validate=True``: every other row of a chunk is evaluated again alone, and the losses and
+    gradients must be finite on counted tokens). For sequence-level losses (a response's
+    mean ratio, GSPO-like) take ``fused_linear_logprobs`` and ``policy_loss(...,
+    token_level=False)``: the logits are then recomputed in the backward (8NHV).
+
+    The other options are those of ``fused_linear_nft_loss``: temperature, soft cap, bias,
+    mask, ``token_weights`` (multiply each token's loss and gradient), the KL term
+    (``ref_logprobs``, ``beta``, ``kl_estimator``; ``kl_bias_correction`` reads
+    ``per_token["old_logprobs"]``), ``entropy_coef``, both modes, the vocab-parallel head.
+    Inputs in ``per_token`` are checked finite on counted tokens (``old_logprobs`` as
+    log-probs: -inf allowed).
+    """
+    spec = val.custom_head(loss_fn, per_token=per_token or {}, ref_logprobs=ref_logprobs,
+                           beta=beta, kl_estimator=kl_estimator,
+                           kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef,
+                           validate=validate)
+    options = val.CallOptions(
+        temperature=temperature, softcap=softcap, reduction=reduction, filter_eps=filter_eps,
+        deterministic=bool(deterministic), impl=impl, mode=mode,
+        workspace_bytes=workspace_bytes, validate=bool(validate), compute_entropy=return_stats,
+        scalar_loss=True, process_group=process_group, vocab_start=vocab_start)
+    named = val.custom_token_inputs(spec, per_token, token_weights=token_weights,
+                                    ref_logprobs=ref_logprobs)
+    loss, logp, entropy = _fused(hidden, weight, target, mask, bias, spec, named, options)
+    return _with_stats(loss, logp, entropy, return_stats)
+
+
+@torch.compiler.disable
+def policy_loss(logprobs, loss_fn, mask=None, *, per_token=None, token_weights=None,
+                ref_logprobs=None, beta=0.0, kl_estimator="k3", kl_bias_correction=False,
+                token_level=True, reduction="sum", validate=True):
+    """``fused_linear_policy_loss``'s loss on log-probs the caller already has
+    (differentiable w.r.t. ``logprobs``).
+
+    ``token_level=True``: each token's loss reads only its own inputs (checked), and its
+    gradient is taken per token, as on the fused path. ``token_level=False``: ``loss_fn``
+    may read every token (a sequence- or batch-level loss: it gets all n tokens of the call,
+    padded ones included, with ``per_token`` and a ``mask`` [n] bool keyword when a mask is
+    given) and is differentiated by autograd as written; the KL term and token weights
+    apply per token as usual."""
+    spec = val.custom_head(loss_fn, per_token=per_token or {}, ref_logprobs=ref_logprobs,
+                           beta=beta, kl_estimator=kl_estimator,
+                           kl_bias_correction=kl_bias_correction, validate=validate)
+    named = val.custom_token_inputs(spec, per_token, token_weights=token_weights,
+                                    ref_logprobs=ref_logprobs)
+    if not isinstance(token_level, bool):
+        raise TypeError(f"token_level must be a bool, got {token_level!r}")
+    if token_level:
+        return _on_logprobs(logprobs, spec, named, mask, reduction, "torch", validate)
+    return _whole_call_loss(logprobs, spec, named, mask, reduction, validate)
+
+
 # ---- the fused path ------------------------------------------------------------------------
 def _with_stats(loss, logp, entropy, return_stats):
     if return_stats:
@@ -248,7 +321,7 @@ def _fused_on_rank(hidden, weight, target, mask, bias, spec: HeadSpec, named: di
     # before any GEMM); without validation the count stays on the device (no
     # synchronisation). Sharded: round 2 raises a failed check on every rank.
     counted = val.read_back(
-        prepared, vocab, validate=options.validate,
+        prepared, vocab, spec, validate=options.validate,
         count=options.validate or not eng.takes_device_mask, group=call,
         checksums=None if call is None else vp.agreement_checksums)
     compute_entropy = options.compute_entropy or spec.entropy_coef != 0.0  # the bonus needs H
@@ -256,7 +329,7 @@ def _fused_on_rank(hidden, weight, target, mask, bias, spec: HeadSpec, named: di
                     softcap=options.softcap, compute_entropy=compute_entropy)
     n_counted = h.shape[0] if prepared.mask is None else (
         counted if counted is not None else prepared.mask.sum())
-    inputs = prepared.inputs
+    inputs = val.token_inputs(prepared.named, spec)
     # The engines pick their own precisions (fp32 logits, fp32 accumulation): no autocast.
     with torch.autocast(dev.type, enabled=False):
         if (options.scalar_loss and options.reduction != "none" and eng.grads_in_forward
@@ -294,8 +367,32 @@ def _fused_gspo(hidden, weight, target, mask, bias, spec: HeadSpec, named: dict,
 # ---- a head on given log-probs -------------------------------------------------------------
 def _on_logprobs(logprobs, spec: HeadSpec, named: dict, mask, reduction, impl, validate):
     val.check_reduction(reduction)
-    logp, flat, mask_flat = val.check_logprob_inputs(logprobs, named, mask, validate)
-    backend = head_module(impl, logp.device)
-    loss_t = LossHead.apply(logp, val.token_inputs(flat), mask_flat, spec, backend)
+    logp, flat, mask_flat = val.check_logprob_inputs(logprobs, named, mask, validate, spec)
+    backend = head_module(impl, logp.device, spec)
+    loss_t = LossHead.apply(logp, val.token_inputs(flat, spec), mask_flat, spec, backend)
+    n_counted = logp.numel() if mask_flat is None else mask_flat.sum()
+    return reduce_loss(loss_t, n_counted, reduction, tuple(logprobs.shape))
+
+
+def _whole_call_loss(logprobs, spec: HeadSpec, named: dict, mask, reduction, validate):
+    """A user-defined loss that reads every token (``policy_loss(..., token_level=False)``),
+    differentiated by autograd as written; KL and token weights per token."""
+    val.check_reduction(reduction)
+    logp, flat, mask_flat = val.check_logprob_inputs(logprobs, named, mask, validate, spec)
+    inputs = val.token_inputs(flat, spec).as_float()
+    extra = {} if mask_flat is None else {"mask": mask_flat}
+    loss_t = spec.loss_fn(logp.float(), **inputs.named, **extra)
+    check_loss_per_token(loss_t, logp)
+    loss_t = loss_t.float()
+    if spec.kl_code:
+        kl, _ = kl_and_grad(logp.float(), inputs.ref_logprobs, spec.kl_code)
+        if spec.kl_bias_correction:
+            log_ratio = (logp.float() - inputs.old_logprobs).clamp(max=spec.max_log_ratio)
+            kl = kl * torch.exp(log_ratio)
+        loss_t = loss_t + spec.beta * kl
+    if inputs.token_weights is not None:
+        loss_t = loss_t * inputs.token_weights
+    if mask_flat is not None:
+        loss_t = torch.where(mask_flat, loss_t, torch.zeros_like(loss_t))
     n_counted = logp.numel() if mask_flat is None else mask_flat.sum()
     return reduce_loss(loss_t, n_counted, reduction, tuple(logprobs.shape))

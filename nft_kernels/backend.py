@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from . import chunked, lean_torch, validation
+from . import chunked, lean_torch, validation, vocab_parallel
 from .heads import HeadSpec, LogitScaling
 from .inputs import NO_TOKEN_INPUTS, RowPlan, TokenInputs
 
@@ -63,8 +63,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "triton"
 
 
-def head_module(impl: str, device: torch.device):
-    """The module whose ``head_forward`` runs a loss head on given log-probs."""
+def head_module(impl: str, device: torch.device, spec: HeadSpec | None = None):
+    """The module whose ``head_forward`` runs a loss head on given log-probs (a user-defined
+    head always runs in torch)."""
+    if spec is not None and spec.custom:
+        return lean_torch
     return _triton_module() if resolve_impl(impl, device) == "triton" else lean_torch
 
 
@@ -137,8 +140,8 @@ class LeanEngine:
         self.takes_device_mask = impl == "triton"
 
     def forward(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec):
-        if self.shard is not None:
-            return self._sharded_forward(hidden, weight, bias, plan, inputs, spec)
+        if self.shard is not None or (spec.custom and self.impl == "triton"):
+            return self._forward_then_head(hidden, weight, bias, plan, inputs, spec)
         row_ids = plan.row_ids(hidden.shape[0], hidden.device)
         logp, lse, entropy, loss, g = self.module.forward(hidden, weight, bias, plan, row_ids,
                                                           inputs, spec)
@@ -148,18 +151,20 @@ class LeanEngine:
                                            for t in (logp, lse, entropy, loss, g))
         return loss, logp, entropy, g, (lse, entropy)
 
-    def _sharded_forward(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs,
-                         spec: HeadSpec):
-        """A vocabulary shard (``vocab_parallel.py``): this shard's statistics by the forward
-        kernel, combined across ranks (two all-reduces), then the loss head on the shared
-        values. The saved lse is the global one, for the backward's recompute."""
+    def _forward_then_head(self, hidden, weight, bias, plan: RowPlan, inputs: TokenInputs,
+                           spec: HeadSpec):
+        """The statistics by the forward kernel, combined across the ranks of a vocabulary
+        shard (``vocab_parallel.py``: two all-reduces; nothing for a whole vocabulary), then
+        the loss head on the shared values (a user-defined head in torch). The saved lse is
+        the global one, for the backward's recompute."""
         n_total, dev = hidden.shape[0], hidden.device
-        t_stats, _, owned = self.shard.targets(plan.target)
+        vocab_part = self.shard if self.shard is not None else vocab_parallel.WHOLE_VOCAB
+        t_stats, _, owned = vocab_part.targets(plan.target)
         row_ids = plan.row_ids(n_total, dev)
         logp_r, lse_r, ent_r, _, _ = self.module.forward(
             hidden, weight, bias, plan.changed(target=t_stats), row_ids, NO_TOKEN_INPUTS,
             HeadSpec())
-        logp, delta, entropy = self.shard.combine(
+        logp, delta, entropy = vocab_part.combine(
             logp_r, lse_r, ent_r if plan.compute_entropy else None, owned)
         entropy = ent_r if entropy is None else entropy
         counted = torch.zeros(n_total, dtype=torch.bool, device=dev).index_fill_(0, row_ids, True)
@@ -169,7 +174,7 @@ class LeanEngine:
         logp, lse, entropy = (torch.where(counted, t, zero) for t in (logp, lse_r + delta, entropy))
         loss, g = zero, zero
         if spec.kind != "none":
-            loss, g = self.module.head_forward(logp, inputs, counted, spec)
+            loss, g = head_module(self.impl, dev, spec).head_forward(logp, inputs, counted, spec)
         return loss, logp, entropy, g, (lse, entropy)
 
     def backward(self, hidden, weight, bias, plan: RowPlan, state, g_logp, g_ent, want):

@@ -26,8 +26,8 @@ import warnings
 
 import torch
 
-from . import torch_rows
-from .heads import HeadSpec
+from . import torch_rows, vocab_parallel
+from .heads import HeadSpec, head_loss_and_grad
 from .inputs import RowPass, RowPlan, TokenInputs
 
 DEFAULT_WORKSPACE_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
@@ -192,10 +192,16 @@ def run(hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec
         scale=grad_scale, out=out, statistics=statistics,
         compute_entropy=plan.compute_entropy, write_dz=write_dz, entropy_coef=entropy_coef,
         saved=saved, g_logp=g_logp, g_ent=g_ent)
-    sharded = None
-    if shard is not None:
-        row_pass_spec, sharded = shard.prepare_rows(row_pass_spec, n_total, dev,
-                                                    torch_row_math=row_op == "torch")
+    # A vocab shard, or a user-defined head with the Triton row kernel (which cannot run it):
+    # each chunk takes the statistics pass, the head in torch, then the dz pass.
+    two_pass = None
+    if shard is not None or (spec.custom and row_op != "torch"):
+        vocab_part = shard if shard is not None else vocab_parallel.WHOLE_VOCAB
+        t_stats, t_dz, owned = vocab_part.targets(plan.target)
+        row_pass_spec = row_pass_spec.changed(target=t_dz)  # the backward: local columns
+        if statistics:
+            two_pass = TwoPassChunks(vocab_part, row_pass_spec, t_stats, owned, n_total, dev,
+                                     torch_row_math=row_op == "torch")
 
     def row_pass(ws, dz, rows_c, p: RowPass):
         if row_op == "torch":
@@ -214,8 +220,8 @@ def run(hidden, weight, bias, plan: RowPlan, inputs: TokenInputs, spec: HeadSpec
         ws = workspace[: c1 - c0]
         _logits_into(ws, h_c, grads.w_gemm)
         dz = ws if dz_dtype == torch.float32 else ws.view(dz_dtype)[:, :vocab]
-        if sharded is not None:
-            sharded.chunk(row_pass, ws, dz, rows_c)
+        if two_pass is not None:
+            two_pass.chunk(row_pass, ws, dz, rows_c)
         else:
             row_pass(ws, dz, rows_c, row_pass_spec)
         if write_dz:
@@ -288,3 +294,83 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dtype == torch.float32:
         return torch.mm(a, b)
     return torch.mm(a, b, out_dtype=torch.float32)
+
+
+class TwoPassChunks:
+    """The forward of each chunk in two row passes around a head in torch: the row kernel's
+    statistics pass (logits kept), the combination across the ranks of a vocab shard (two
+    all-reduces of the chunk's rows, ``VocabShard.combine``; nothing for a whole
+    vocabulary), the loss head on the combined values, then the row kernel's dz pass with the
+    global log-normalizer (the backward's recompute mode, on the logits still in the
+    workspace: gradients stay in the forward, 6NHV, or 6NHV / tp per rank).
+
+    ``p``: the pass with its targets as this part's columns (-1 where another rank holds the
+    target); ``t_stats``: the same clamped into the part, for the statistics."""
+
+    def __init__(self, vocab_part, p: RowPass, t_stats, owned, n_total, device,
+                 torch_row_math: bool):
+        self.vocab_part, self.p, self.t_stats, self.owned = vocab_part, p, t_stats, owned
+        self.bonus = p.entropy_coef != 0.0
+        self.need_entropy = p.compute_entropy or self.bonus
+        # The torch row math without entropy or soft cap leaves e = exp(x - m) in the
+        # workspace after its statistics; then p = e / s needs no second exp.
+        self.from_exp = (torch_row_math and not self.need_entropy
+                         and p.scaling.softcap is None)
+        # The per-token gradients handed to the dz pass (written chunk by chunk).
+        self.g_buf = self.ge_buf = None
+        if p.write_dz:
+            self.g_buf = torch.zeros(n_total, dtype=torch.float32, device=device)
+            if self.bonus:
+                self.ge_buf = torch.zeros_like(self.g_buf)
+
+    def chunk(self, row_pass, ws, dz, rows_c):
+        p, out = self.p, self.p.out
+        row_pass(ws, dz, rows_c, p.changed(
+            target=self.t_stats, spec=HeadSpec(), write_dz=False,
+            compute_entropy=self.need_entropy, entropy_coef=0.0,
+            keep_logits=not self.from_exp))
+
+        def of_chunk(t):
+            return t.index_select(0, rows_c)
+
+        logsum_r = of_chunk(out["logsum"])
+        logp, delta, entropy = self.vocab_part.combine(
+            of_chunk(out["logp"]), of_chunk(out["rowmax"]) + logsum_r,
+            of_chunk(out["entropy"]) if self.need_entropy else None, of_chunk(self.owned))
+        counted = None if p.mask is None else of_chunk(p.mask)
+        zero = torch.zeros_like(logp)
+
+        def where_counted(v):
+            return v if counted is None else torch.where(counted, v, zero)
+
+        logsum = where_counted(logsum_r + delta)
+        out["logp"][rows_c] = where_counted(logp)
+        out["logsum"][rows_c] = logsum
+        if self.need_entropy:
+            out["entropy"][rows_c] = where_counted(entropy)
+        g, g_ent = zero, None
+        if p.spec.kind != "none":
+            inputs = p.inputs.select(rows_c)
+            loss, g = head_loss_and_grad(p.spec, logp, inputs, counted)
+            if self.bonus:  # - c w H per token, as the row kernel's ENT_BONUS
+                ent_weight = p.entropy_coef * (1.0 if inputs.token_weights is None
+                                               else inputs.token_weights)
+                loss = loss - ent_weight * entropy
+                g_ent = where_counted(-ent_weight * p.scale + zero)
+            out["loss"][rows_c] = where_counted(loss)
+            out["g"][rows_c] = where_counted(g)
+        if not p.write_dz:
+            return
+        g = where_counted(g) * p.scale
+        if self.from_exp:  # ws holds e = exp(x - m): p = e / exp(global log s)
+            torch_rows.write_dz_(ws, ws, g=g, target=of_chunk(p.target),
+                                 p_divisor=torch.exp(logsum), inv_t=p.scaling.inv(rows_c),
+                                 counted=counted)
+            return
+        self.g_buf[rows_c] = g
+        if g_ent is not None:
+            self.ge_buf[rows_c] = g_ent
+        row_pass(ws, dz, rows_c, p.changed(
+            spec=HeadSpec(), statistics=False, write_dz=True, compute_entropy=False,
+            entropy_coef=0.0, saved=(out["rowmax"], out["logsum"], out["entropy"]),
+            g_logp=self.g_buf, g_ent=self.ge_buf))

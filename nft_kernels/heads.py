@@ -8,11 +8,15 @@ Equation numbers refer to arXiv 2505.18116.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-HEAD_KINDS = ("none", "nft", "ppo")
+# "custom": a user-defined head (``loss_fn``), differentiated by autograd in torch; the
+# Triton kernels never see it (the engines run their statistics pass, the head in torch, then
+# the dz pass: ``chunked.TwoPassChunks``).
+HEAD_KINDS = ("none", "nft", "ppo", "custom")
 # KL-to-reference estimators (index = the kernels' KL code; 0 = no KL term). Names as verl's
 # ``kl_penalty`` spells them, with its aliases: "k3" is verl's "low_var_kl" (clipped);
 # "k3_unclipped" is the same estimator unclipped, as TRL's and Liger's GRPO losses compute it.
@@ -81,6 +85,14 @@ class HeadSpec:
     kl_bias_correction: bool = False  # KL estimate times the token's ratio R (TRL's default)
     # fused losses: - entropy_coef * H(pi(. | context)) per token (entropy bonus; 0 = no work)
     entropy_coef: float = 0.0
+    # custom: loss_fn(logp [n] fp32, **named per-token inputs [n]) -> per-token loss [n];
+    # check_head: check each evaluation (one loss per token, finite, no token reads another)
+    loss_fn: Callable | None = field(default=None, compare=False)
+    check_head: bool = False
+
+    @property
+    def custom(self) -> bool:
+        return self.kind == "custom"
 
     @property
     def code(self) -> int:
@@ -177,14 +189,17 @@ def kl_and_grad(logp, ref, kl_code: int):
     return kl, torch.where(ok, 1.0 - ex, torch.zeros_like(ex))
 
 
-def head_loss_and_grad(spec: HeadSpec, logp, inputs):
+def head_loss_and_grad(spec: HeadSpec, logp, inputs, counted=None):
     """Per-token (loss, g = d loss / d logp) of ``spec``'s head on fp32 ``logp`` and
     ``inputs`` (``inputs.TokenInputs``, fp32: the rows being evaluated). ``inputs.signal`` is
     NFT's reward or the PPO head's advantage; ``inputs.ref_logprobs`` anchors the KL term
     (``spec.beta`` > 0). With ``token_weights`` each token's loss and gradient (KL term
-    included) are multiplied by its weight."""
+    included) are multiplied by its weight. ``counted``: [n] bool, the rows whose values
+    count (a custom head's checks look only at them; None: every row)."""
     old = inputs.old_logprobs
-    if spec.kind == "nft":
+    if spec.custom:
+        loss, g = custom_loss_and_grad(spec, logp, inputs.named or {}, counted)
+    elif spec.kind == "nft":
         loss, g = nft_loss_and_grad(logp, old, inputs.signal, inputs.correct_rate, spec)
     elif spec.kind == "ppo":
         loss, g = ppo_loss_and_grad(logp, old, inputs.signal, spec)
@@ -206,6 +221,67 @@ def head_loss_and_grad(spec: HeadSpec, logp, inputs):
     if inputs.token_weights is not None:
         loss, g = loss * inputs.token_weights, g * inputs.token_weights
     return loss, g
+
+
+def custom_loss_and_grad(spec: HeadSpec, logp, named: dict, counted=None):
+    """A user-defined head: (loss_fn(logp, **named), its derivative w.r.t. logp by autograd).
+
+    The sum's gradient is each token's own derivative only if a token's loss reads no other
+    token; with ``spec.check_head`` that is checked (every other row evaluated alone must give
+    the same losses), as are the shape and finiteness on counted rows."""
+    with torch.enable_grad():
+        x = logp.detach().requires_grad_(True)
+        loss = spec.loss_fn(x, **named)
+        check_loss_per_token(loss, x)
+        if loss.requires_grad:
+            (g,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+        else:
+            g = None
+    loss = loss.detach().float()
+    g = torch.zeros_like(logp) if g is None else g.float()
+    if spec.check_head:
+        _check_head_values(spec, loss, g, logp, named, counted)
+    return loss, g
+
+
+def check_loss_per_token(loss, logp):
+    """A user-defined head returns one floating-point loss per token (checked at run time,
+    where its output first exists)."""
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != tuple(logp.shape) \
+            or not loss.is_floating_point():
+        got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}"
+               if isinstance(loss, torch.Tensor) else type(loss).__name__)
+        raise ValueError(f"loss_fn must return one floating-point loss per token (shape "
+                         f"{tuple(logp.shape)}, like logp), got {got}")
+
+
+def _check_head_values(spec, loss, g, logp, named, counted):
+    ok = torch.isfinite(loss) & torch.isfinite(g)
+    if counted is not None:
+        ok = ok | ~counted
+    if not bool(ok.all()):
+        bad = int((~ok).sum())
+        raise ValueError(f"loss_fn returned a non-finite loss or gradient on {bad} counted "
+                         f"token(s) of {logp.numel()}")
+    if logp.numel() < 2:
+        return
+    # Every other row evaluated alone: a loss that mixes tokens (a mean over the batch, over a
+    # response of two or more consecutive tokens) changes value.
+    alternate = torch.arange(1, logp.numel(), 2, device=logp.device)
+    with torch.enable_grad():
+        alone = spec.loss_fn(logp.index_select(0, alternate).detach().requires_grad_(True),
+                             **{k: v.index_select(0, alternate) for k, v in named.items()})
+    alone = alone.detach().float()
+    keep = torch.ones_like(alternate, dtype=torch.bool) if counted is None \
+        else counted.index_select(0, alternate)
+    same = torch.isclose(alone, loss.index_select(0, alternate), rtol=1e-5, atol=1e-6) | ~keep
+    if not bool(same.all()):
+        raise ValueError(
+            "loss_fn: a token's loss depends on other tokens (its value changed when every "
+            "other token was evaluated alone). The fused path needs each token's loss to "
+            "read only its own log-prob and inputs; for sequence-level or batch-level losses "
+            "take fused_linear_logprobs(...) and apply the loss to them (policy_loss(..., "
+            "token_level=False))")
 
 
 def reduce_loss(loss_t, n_counted, reduction, lead_shape):

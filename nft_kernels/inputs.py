@@ -26,18 +26,23 @@ class TokenInputs:
     correct_rate: torch.Tensor | None = None
     token_weights: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    # A user-defined head's per-token inputs by the names its loss_fn takes (heads.py).
+    named: dict | None = None
 
     def tensors(self) -> tuple:
         """The five tensors in the kernels' argument order (old, signal, rate, weights, ref)."""
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return tuple(getattr(self, f.name) for f in fields(self) if f.name != "named")
+
+    def _map(self, fn) -> TokenInputs:
+        named = None if self.named is None else {k: fn(v) for k, v in self.named.items()}
+        return TokenInputs(*(None if t is None else fn(t) for t in self.tensors()), named=named)
 
     def select(self, rows: torch.Tensor) -> TokenInputs:
         """The inputs of ``rows`` (int64 indices), in fp32: what a head evaluates on."""
-        return TokenInputs(*(None if t is None else t.index_select(0, rows).float()
-                             for t in self.tensors()))
+        return self._map(lambda t: t.index_select(0, rows).float())
 
     def as_float(self) -> TokenInputs:
-        return TokenInputs(*(None if t is None else t.float() for t in self.tensors()))
+        return self._map(lambda t: t.float())
 
     def kernel_pointers(self, dummy: torch.Tensor) -> tuple:
         """The tensors with ``dummy`` where absent (Triton needs a pointer; the HEAD, KL and

@@ -132,7 +132,7 @@ def _largest_onehot_gap(p, column, carries):
 
 def head_forward(logp, inputs: TokenInputs, mask, spec: HeadSpec):
     """Loss head on given log-probs (nft_loss / ppo_clip_loss): fp32 (loss_t, g_t)."""
-    loss, g = head_loss_and_grad(spec, logp.float(), inputs.as_float())
+    loss, g = head_loss_and_grad(spec, logp.float(), inputs.as_float(), mask)
     if mask is not None:
         loss = torch.where(mask, loss, torch.zeros_like(loss))
         g = torch.where(mask, g, torch.zeros_like(g))

@@ -139,6 +139,22 @@ def reference_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask=No
         logp, entropy, mask, entropy_coef, options)
 
 
+def reference_policy_loss(hidden, weight, target, loss_fn, per_token, mask=None, *, bias=None,
+                          temperature=1.0, softcap=None, token_weights=None, entropy_coef=0.0,
+                          reduction="sum"):
+    """A user-defined head (``fused_linear_policy_loss``) in float64: ``loss_fn`` on the
+    float64 log-probs and float64 ``per_token`` inputs, times ``token_weights``, minus the
+    entropy bonus, reduced over counted tokens; differentiable by autograd."""
+    logp, entropy = reference_logprobs(hidden, weight, target, bias=bias,
+                                       temperature=temperature, softcap=softcap)
+    loss_t = loss_fn(logp, **{k: v.double() for k, v in per_token.items()})
+    if entropy_coef != 0:
+        loss_t = loss_t - entropy_coef * entropy
+    if token_weights is not None:
+        loss_t = loss_t * token_weights.double()
+    return _reduce(loss_t, mask, reduction)
+
+
 def reference_with_grads(loss_fn, hidden, weight, *args, bias=None, **kwargs):
     """Run a reference loss on float64 leaf copies; return (loss, dH, dW, d bias).
 

@@ -113,7 +113,7 @@ def _statistics_pass(x, rows, target, counted, inv_t, cap_d, p: RowPass) -> None
     g, g_ent = torch.zeros_like(logp), None
     if p.spec.kind != "none":
         inputs = p.inputs.select(rows)
-        loss, g = head_loss_and_grad(p.spec, logp, inputs)
+        loss, g = head_loss_and_grad(p.spec, logp, inputs, counted)
         if bonus:
             ent_weight = p.entropy_coef * (1.0 if inputs.token_weights is None
                                            else inputs.token_weights)

@@ -341,8 +341,54 @@ def named_token_inputs(spec: HeadSpec, *, old_logprobs=None, rewards=None, advan
     return {name: t for name, t in named.items() if t is not None}
 
 
-def token_inputs(flat: dict) -> TokenInputs:
+def custom_head(loss_fn, *, per_token: dict, ref_logprobs, beta, kl_estimator,
+                kl_bias_correction, entropy_coef=0.0, validate=True) -> HeadSpec:
+    """A user-defined head: ``loss_fn(logp, **per_token)`` -> one loss per token."""
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (logp, **per_token) -> per-token loss, got "
+                        f"{type(loss_fn).__name__}")
+    kl = _kl_fields(ref_logprobs, beta, kl_estimator, kl_bias_correction)
+    if kl["beta"] > 0 and kl_bias_correction and "old_logprobs" not in per_token:
+        raise ValueError("kl_bias_correction=True multiplies the KL term by the ratio "
+                         "exp(logp - old_logprobs): give per_token={'old_logprobs': ..., ...}")
+    return HeadSpec(kind="custom", loss_fn=loss_fn, check_head=bool(validate), **kl,
+                    entropy_coef=_entropy_coef(entropy_coef))
+
+
+_RESERVED = ("token_weights", "ref_logprobs")
+
+
+def custom_token_inputs(spec: HeadSpec, per_token, *, token_weights=None,
+                        ref_logprobs=None) -> dict:
+    """A user-defined head's per-token tensors by name (each [...], floating point), with
+    the token weights and the KL term's reference log-probs beside them."""
+    if per_token is None:
+        per_token = {}
+    if not isinstance(per_token, dict) or not all(isinstance(k, str) for k in per_token):
+        raise TypeError(f"per_token must be a dict of name -> tensor, got "
+                        f"{type(per_token).__name__}")
+    clash = [k for k in per_token if k in _RESERVED]
+    if clash:
+        raise ValueError(f"per_token: {clash} are arguments of their own (token_weights=, "
+                         f"ref_logprobs=), not inputs of loss_fn")
+    named = {k: v for k, v in per_token.items()}
+    for name, value in named.items():
+        if value is None:
+            raise TypeError(f"per_token[{name!r}] is None (give a tensor, or leave it out)")
+    if token_weights is not None:
+        named["token_weights"] = token_weights
+    if ref_logprobs is not None and spec.beta > 0:
+        named["ref_logprobs"] = ref_logprobs
+    return named
+
+
+def token_inputs(flat: dict, spec: HeadSpec | None = None) -> TokenInputs:
     """``TokenInputs`` from the flattened named per-token tensors."""
+    if spec is not None and spec.custom:
+        return TokenInputs(old_logprobs=flat.get("old_logprobs"),
+                           token_weights=flat.get("token_weights"),
+                           ref_logprobs=flat.get("ref_logprobs"),
+                           named={k: v for k, v in flat.items() if k not in _RESERVED})
     return TokenInputs(old_logprobs=flat.get("old_logprobs"),
                        signal=flat.get("rewards", flat.get("advantages")),
                        correct_rate=flat.get("correct_rate"),
@@ -470,10 +516,6 @@ class PreparedCall:
     lead: tuple  # the leading shape [...] of the call
     want: tuple  # (dH, dW, d bias) wanted
 
-    @property
-    def inputs(self) -> TokenInputs:
-        return token_inputs(self.named)
-
 
 def _autocast(hidden, weight, bias):
     """Under ``torch.autocast`` the LM head runs in the autocast dtype, as ``nn.Linear`` would:
@@ -516,8 +558,14 @@ def prepare_fused(hidden, weight, target, mask, bias, named: dict,
         want=tuple(w and torch.is_grad_enabled() for w in want))
 
 
-def read_back(call: PreparedCall, vocab: int, *, validate: bool, count: bool, group=None,
-              checksums=None):
+def unit_interval_names(spec: HeadSpec) -> tuple:
+    """The per-token inputs that must lie in [0, 1]: NFT's rewards and correct rate (a
+    user-defined head's inputs are only required to be finite)."""
+    return _UNIT_INTERVAL if spec.kind == "nft" else ()
+
+
+def read_back(call: PreparedCall, vocab: int, spec: HeadSpec, *, validate: bool, count: bool,
+              group=None, checksums=None):
     """The call's value checks and, with ``count``, the number of counted tokens, read back
     together (one synchronisation); raises the first failure. ``group``: the
     ``vocab_parallel.GroupCall`` of a sharded call, whose round 2 raises a failure of any rank
@@ -528,7 +576,7 @@ def read_back(call: PreparedCall, vocab: int, *, validate: bool, count: bool, gr
         if call.temperatures is not None:
             checks.positive("temperature", call.temperatures, call.mask)
         checks.targets(call.target, vocab, call.mask)
-        checks.per_token_values(call.named, _UNIT_INTERVAL, call.mask)
+        checks.per_token_values(call.named, unit_interval_names(spec), call.mask)
         checks.finite_tensor("hidden", call.hidden)
         checks.finite_tensor("weight", call.weight)
         if call.bias is not None:
@@ -542,7 +590,7 @@ def read_back(call: PreparedCall, vocab: int, *, validate: bool, count: bool, gr
     return None if count_slot is None else int(host[count_slot])
 
 
-def check_logprob_inputs(logprobs, named: dict, mask, validate: bool):
+def check_logprob_inputs(logprobs, named: dict, mask, validate: bool, spec: HeadSpec):
     """The head-on-log-probs path (``nft_loss``, ``ppo_clip_loss``): (logp [N], the named
     per-token inputs [N], mask [N] or None), checked."""
     check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
@@ -556,7 +604,7 @@ def check_logprob_inputs(logprobs, named: dict, mask, validate: bool):
     if validate:
         checks = ValueChecks()
         checks.no_nan("logprobs", logp, mask_flat)
-        checks.per_token_values(flat, _UNIT_INTERVAL, mask_flat)
+        checks.per_token_values(flat, unit_interval_names(spec), mask_flat)
         checks.run()
     return logp, flat, mask_flat
 
@@ -584,3 +632,4 @@ def check_sequence_inputs(logp, named: dict, mask, sequence_ids, *, validate: bo
     else:
         group.value_checks(checks, None)
     return flat, counted, index.reshape(-1), unique.numel()
+

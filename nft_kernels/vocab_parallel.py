@@ -35,9 +35,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .heads import HeadSpec, head_loss_and_grad
-from .inputs import RowPass
-from .torch_rows import write_dz_
 from .validation import (MODES, check_dtensor_weight, check_process_group,
                          check_replicated)
 
@@ -334,90 +331,26 @@ class VocabShard:
             self._all_reduce(dh)
         return dh
 
-    def prepare_rows(self, p: RowPass, n_total: int, device, torch_row_math: bool):
-        """For the chunked mode's driver: (the row pass with the targets as this shard's
-        columns, -1 where another rank holds them: the backward's recompute; the forward's
-        per-chunk ``ShardedChunks``, or None for the backward)."""
-        t_stats, t_dz, owned = self.targets(p.target)
-        local = p.changed(target=t_dz)
-        if not p.statistics:
-            return local, None
-        return local, ShardedChunks(self, p, t_stats, t_dz, owned, n_total, device,
-                                    torch_row_math)
+
+class WholeVocab:
+    """A vocabulary held whole by this rank: the ``VocabShard`` interface without
+    collectives, for the engines' two-pass route when a head runs in torch between the row
+    kernel's passes (a user-defined head, ``chunked.TwoPassChunks``)."""
+    world = 1
+
+    @staticmethod
+    def targets(target: torch.Tensor):
+        local = target.long()
+        return local, local, torch.ones_like(local, dtype=torch.bool)
+
+    @staticmethod
+    def combine(logp_r, lse_r, entropy_r, owned):
+        del owned
+        return logp_r, torch.zeros_like(lse_r), entropy_r
+
+    @staticmethod
+    def reduce_hidden_grad(dh):
+        return dh
 
 
-class ShardedChunks:
-    """The forward of each chunk when the weight is a vocabulary shard: the row kernel's
-    statistics pass on this shard (logits kept), the combination across ranks (two
-    all-reduces of the chunk's rows), the loss head on the shared values, then the row
-    kernel's dz pass with the global log-normalizer (the backward's recompute mode, on the
-    logits still in the workspace: gradients stay in the forward, 6NHV / tp per rank)."""
-
-    def __init__(self, shard: VocabShard, p: RowPass, t_stats, t_dz, owned, n_total, device,
-                 torch_row_math: bool):
-        self.shard, self.p = shard, p
-        self.t_stats, self.t_dz, self.owned = t_stats, t_dz, owned
-        self.bonus = p.entropy_coef != 0.0
-        self.need_entropy = p.compute_entropy or self.bonus
-        # The torch row math without entropy or soft cap leaves e = exp(x - m) in the
-        # workspace after its statistics; then p = e / s needs no second exp.
-        self.from_exp = (torch_row_math and not self.need_entropy
-                         and p.scaling.softcap is None)
-        # The per-token gradients handed to the dz pass (written chunk by chunk).
-        self.g_buf = self.ge_buf = None
-        if p.write_dz:
-            self.g_buf = torch.zeros(n_total, dtype=torch.float32, device=device)
-            if self.bonus:
-                self.ge_buf = torch.zeros_like(self.g_buf)
-
-    def chunk(self, row_pass, ws, dz, rows_c):
-        p, out = self.p, self.p.out
-        row_pass(ws, dz, rows_c, p.changed(
-            target=self.t_stats, spec=HeadSpec(), write_dz=False,
-            compute_entropy=self.need_entropy, entropy_coef=0.0,
-            keep_logits=not self.from_exp))
-
-        def of_chunk(t):
-            return t.index_select(0, rows_c)
-
-        logsum_r = of_chunk(out["logsum"])
-        logp, delta, entropy = self.shard.combine(
-            of_chunk(out["logp"]), of_chunk(out["rowmax"]) + logsum_r,
-            of_chunk(out["entropy"]) if self.need_entropy else None, of_chunk(self.owned))
-        counted = None if p.mask is None else of_chunk(p.mask)
-        zero = torch.zeros_like(logp)
-
-        def where_counted(v):
-            return v if counted is None else torch.where(counted, v, zero)
-
-        logsum = where_counted(logsum_r + delta)
-        out["logp"][rows_c] = where_counted(logp)
-        out["logsum"][rows_c] = logsum
-        if self.need_entropy:
-            out["entropy"][rows_c] = where_counted(entropy)
-        g, g_ent = zero, None
-        if p.spec.kind != "none":
-            inputs = p.inputs.select(rows_c)
-            loss, g = head_loss_and_grad(p.spec, logp, inputs)
-            if self.bonus:  # - c w H per token, as the row kernel's ENT_BONUS
-                ent_weight = p.entropy_coef * (1.0 if inputs.token_weights is None
-                                               else inputs.token_weights)
-                loss = loss - ent_weight * entropy
-                g_ent = where_counted(-ent_weight * p.scale + zero)
-            out["loss"][rows_c] = where_counted(loss)
-            out["g"][rows_c] = where_counted(g)
-        if not p.write_dz:
-            return
-        g = where_counted(g) * p.scale
-        if self.from_exp:  # ws holds e = exp(x - m): p = e / exp(global log s)
-            write_dz_(ws, ws, g=g, target=of_chunk(self.t_dz), p_divisor=torch.exp(logsum),
-                      inv_t=p.scaling.inv(rows_c), counted=counted)
-            return
-        self.g_buf[rows_c] = g
-        if g_ent is not None:
-            self.ge_buf[rows_c] = g_ent
-        row_pass(ws, dz, rows_c, p.changed(
-            target=self.t_dz, spec=HeadSpec(), statistics=False, write_dz=True,
-            compute_entropy=False, entropy_coef=0.0,
-            saved=(out["rowmax"], out["logsum"], out["entropy"]), g_logp=self.g_buf,
-            g_ent=self.ge_buf))
+WHOLE_VOCAB = WholeVocab()

@@ -16,7 +16,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from nft_kernels import fused_linear_logprobs, fused_linear_nft_loss, fused_linear_ppo_loss
+from nft_kernels import (fused_linear_logprobs, fused_linear_nft_loss, fused_linear_policy_loss,
+                         fused_linear_ppo_loss, losses)
 
 N, H, V = 29, 16, 37  # V not divisible by 2 or 3: uneven shards
 DEVICE = torch.device("cpu")
@@ -65,6 +66,10 @@ def run_loss(p, weight, bias, *, head, reduction, stats=True, **options):
     if head == "nft":
         out = fused_linear_nft_loss(hidden, weight, p["target"], p["old"], p["rewards"],
                                     p["rate"], p["mask"], **common)
+    elif head == "user":  # a user-defined head (SAPO): the head in torch between the passes
+        out = fused_linear_policy_loss(hidden, weight, p["target"], losses.sapo(), p["mask"],
+                                       per_token={"old_logprobs": p["old"],
+                                                  "advantages": p["advantages"]}, **common)
     else:
         out = fused_linear_ppo_loss(hidden, weight, p["target"], p["old"], p["advantages"],
                                     p["mask"], **common)
@@ -135,14 +140,14 @@ def main(impl: str, device: str = "cpu") -> None:
              ("lean", {})]
     for mode, extra in modes:
         options = dict(impl=impl, mode=mode, **extra)
-        for head in ("nft", "ppo"):
+        for head in ("nft", "ppo", "user"):
             for reduction in ("sum", "mean", "none"):
                 for how in ("skewed", "reversed"):
                     seed = cases
                     p = problem(seed, bias=reduction != "mean", per_token_t=reduction == "none")
                     start, stop = shard_bounds(world, rank, how)
                     head_options = dict(entropy_coef=0.05 if reduction != "mean" else 0.0,
-                                        beta=0.1 if head == "ppo" else 0.0)
+                                        beta=0.1 if head in ("ppo", "user") else 0.0)
                     if head == "ppo":
                         head_options.update(clip_high=0.28)
                     check_case(f"{mode}/{head}/{reduction}/{how}", p, run_loss, group=group,

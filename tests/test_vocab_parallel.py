@@ -41,8 +41,9 @@ def test_sharded_head_equals_the_whole_head(nproc, impl):
     assert proc.returncode == 0, output[-6000:]
     done = dict(re.findall(r"VOCAB-PARALLEL OK rank (\d+) cases (\d+)", proc.stdout))
     assert sorted(done) == [str(r) for r in range(nproc)], output[-3000:]
-    # Every rank ran every case: the per-mode loss cases, log-probs, GSPO, DTensor, bad input.
-    expected = 2 * 13 + 1 + 3 + 1 + (9 + 1 if nproc > 1 else 0)
+    # Every rank ran every case: the per-mode loss cases (NFT, PPO and a user-defined head:
+    # 3 x 3 reductions x 2 layouts + log-probs), GSPO, DTensor, validate=False, bad input.
+    expected = 2 * 19 + 1 + 3 + 1 + (9 + 1 if nproc > 1 else 0)
     assert set(done.values()) == {str(expected)}, done
 
 
