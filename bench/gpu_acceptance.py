@@ -53,7 +53,8 @@ PLANS = {
 }
 # The bench's order: the headline's three, then what is worth having if time remains.
 BENCH_IMPLS = ("nft_kernels chunked", "Liger GRPO (DAPO loss)", "CCE + NFT",
-               "nft_kernels lean", "nft_kernels chunked tp=1", "TRL chunked logprob + NFT")
+               "nft_kernels lean", "nft_kernels chunked tp=1", "TRL chunked logprob + NFT",
+               "nft_kernels user head (CISPO)", "Liger GRPO (CISPO loss)")
 PEER_NAMES = ("Liger GRPO (DAPO loss)", "CCE + NFT", "TRL chunked logprob + NFT", "torch naive")
 TEST_FILES = ("tests/test_gpu.py", "tests/test_numerics_16bit.py",
               "tests/test_fused_nft_properties.py", "tests/test_edge_cases.py",

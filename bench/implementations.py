@@ -13,11 +13,14 @@ from typing import Callable
 
 import torch
 
-from nft_kernels import fused_linear_nft_loss, fused_linear_ppo_loss, nft_loss
+from nft_kernels import (fused_linear_nft_loss, fused_linear_policy_loss, fused_linear_ppo_loss,
+                         losses, nft_loss, policy_loss)
 
 # Cut Cross-Entropy's default filter for bf16 (eps / 32), used for our filtered mode too.
 FILTER_EPS = 2.0**-7 / 32
 DAPO_CLIP = dict(clip_low=0.2, clip_high=0.28)
+# The user-defined head of the bench: CISPO (nft_kernels.losses.cispo), its cap on the ratio.
+CISPO_CLIP = 5.0
 
 
 @dataclass
@@ -132,9 +135,8 @@ def _trl_available(device):
     return None
 
 
-def _trl_chunked(inputs):
-    """What TRL >= 1.15 users get: TRL's chunked LM-head log-probs (cuBLAS tiles + a Triton
-    online-LSE kernel, ``trl/kernels/chunked_logprob.py``), then the NFT head on them."""
+def _trl_logprobs_fn():
+    """TRL's chunked LM-head log-probs as a function (h, w, target) -> logp."""
     from trl.kernels.chunked_logprob import ChunkedLogProbFunction
 
     try:
@@ -154,7 +156,47 @@ def _trl_chunked(inputs):
     def logprobs(h, w, target):
         return ChunkedLogProbFunction.apply(h, w, None, target, 1.0, vocab_chunk, None, 1.0,
                                             ("log_probs",))[0]
-    return _nft_on_logprobs(inputs, logprobs)
+    return logprobs
+
+
+def _trl_chunked(inputs):
+    """What TRL >= 1.15 users get: TRL's chunked LM-head log-probs (cuBLAS tiles + a Triton
+    online-LSE kernel, ``trl/kernels/chunked_logprob.py``), then the NFT head on them."""
+    return _nft_on_logprobs(inputs, _trl_logprobs_fn())
+
+
+def _trl_chunked_user_head(inputs):
+    """A user-defined head (CISPO) on TRL's chunked log-probs: the route TRL is moving to
+    (the logits recomputed in the backward, 8NHV)."""
+    h, w = _leaves(inputs)
+    logprobs = _trl_logprobs_fn()
+
+    def run():
+        h.grad = w.grad = None
+        logp = logprobs(h, w, inputs["target"])
+        loss = policy_loss(logp, losses.cispo(CISPO_CLIP), inputs["mask"], reduction="mean",
+                           per_token=_cispo_inputs(inputs), validate=False)
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
+
+
+def _cispo_inputs(inputs):
+    return {"old_logprobs": inputs["old"], "advantages": inputs["advantages"]}
+
+
+def _ours_user_head(inputs):
+    """A user-defined head (CISPO) on our fused path, checks on (validate=True, the default)."""
+    h, w = _leaves(inputs)
+
+    def run():
+        h.grad = w.grad = None
+        loss = fused_linear_policy_loss(h, w, inputs["target"], losses.cispo(CISPO_CLIP),
+                                        inputs["mask"], per_token=_cispo_inputs(inputs),
+                                        reduction="mean")
+        loss.backward()
+        return loss, h.grad, w.grad
+    return run
 
 
 def _cce_available(device):
@@ -177,14 +219,15 @@ def _liger_available(device):
     return None
 
 
-def _liger_grpo(inputs):
+def _liger_grpo(inputs, loss_type="dapo"):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     h, w = _leaves(inputs)
     b, t = inputs["batch_shape"]
-    module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo",
+    module = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type=loss_type,
                                       epsilon_low=DAPO_CLIP["clip_low"],
-                                      epsilon_high=DAPO_CLIP["clip_high"],
+                                      epsilon_high=CISPO_CLIP if loss_type == "cispo"
+                                      else DAPO_CLIP["clip_high"],
                                       compiled=h.is_cuda and COMPILE_LIGER)
 
     def run():
@@ -226,4 +269,10 @@ IMPLEMENTATIONS = [
     Impl("Liger GRPO (DAPO loss)", "ppo", _liger_grpo, _liger_available),
     Impl("TRL chunked logprob + NFT", "nft", _trl_chunked, _trl_available),
     Impl("nft_kernels PPO (DAPO loss)", "ppo", _ours_ppo, mode="chunked"),
+    # A user-defined head (CISPO) three ways: fused (ours), on TRL's chunked log-probs, and
+    # Liger's chunked loss with loss_type="cispo".
+    Impl("nft_kernels user head (CISPO)", "cispo", _ours_user_head, mode="chunked"),
+    Impl("TRL chunked logprob + CISPO", "cispo", _trl_chunked_user_head, _trl_available),
+    Impl("Liger GRPO (CISPO loss)", "cispo", lambda inputs: _liger_grpo(inputs, "cispo"),
+         _liger_available),
 ]

@@ -44,10 +44,11 @@ if __name__ == "__main__" and not __package__:
 from bench import implementations  # noqa: E402
 from bench.implementations import IMPLEMENTATIONS  # noqa: E402
 
-from nft_kernels import extra_memory_bytes, fused_linear_logprobs  # noqa: E402
+from nft_kernels import extra_memory_bytes, fused_linear_logprobs, losses  # noqa: E402
 from nft_kernels.backend import resolve_impl  # noqa: E402
 from nft_kernels.reference import (  # noqa: E402
     reference_nft_loss,
+    reference_policy_loss,
     reference_ppo_loss,
     reference_with_grads,
 )
@@ -117,6 +118,12 @@ def reference_on_slice(inputs, loss_kind):
     if loss_kind == "nft":
         return reference_with_grads(reference_nft_loss, *common, inputs["rewards"],
                                     inputs["rate"], inputs["mask"])
+    if loss_kind == "cispo":  # the bench's user-defined head
+        per_token = {"old_logprobs": inputs["old"], "advantages": inputs["advantages"]}
+        return reference_with_grads(
+            lambda h, w, target, old, mask, bias=None: reference_policy_loss(
+                h, w, target, losses.cispo(implementations.CISPO_CLIP), per_token, mask,
+                bias=bias, reduction="mean"), *common, inputs["mask"])
     return reference_with_grads(reference_ppo_loss, *common, inputs["advantages"],
                                 inputs["mask"], clip_low=0.2, clip_high=0.28, reduction="mean")
 

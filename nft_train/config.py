@@ -89,7 +89,8 @@ class RolloutCorrectionConfig:
 @dataclass
 class AlgoConfig:
     name: str = "nft"             # the preset that filled this section (informational)
-    loss: str = "nft"             # nft | ppo
+    loss: str = "nft"             # nft | ppo | cispo | sapo | w_reinforce (the last three:
+    #                               user-defined heads of nft_kernels.losses, fused the same way)
     # NFT (paper Eq. 8): neg_weight 1 = NFT, 0 = RFT; normalize: omega 0 -> 1, 1 -> 1 - r_hat, 2 -> sqrt((1-r_hat)/r_hat)
     neg_weight: float = 1.0
     normalize: int = 1
@@ -100,6 +101,12 @@ class AlgoConfig:
     advantage: str = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.2
+    # nft_kernels.losses: CISPO's cap on the detached ratio; SAPO's gate temperatures;
+    # W-REINFORCE's weight of right answers (0 = NSR, learning from wrong answers only)
+    cispo_clip_max: float = 5.0
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    positive_weight: float = 0.1
     # How per-token losses become one number; the normalizer is global over the whole
     # mini-batch (all micro-batches and ranks), so gradients do not depend on how it is split.
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum | token-sum-norm
@@ -184,9 +191,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "loss_agg": "token-sum-norm", "dynamic_sampling": False},
     "dapo": {"loss": "ppo", "advantage": "grpo", "clip_low": 0.2, "clip_high": 0.28,
                  "loss_agg": "token-mean", "dynamic_sampling": True},
+    # Later losses, as user-defined heads (nft_kernels.losses), with TRL's aggregations.
+    "cispo": {"loss": "cispo", "advantage": "grpo", "cispo_clip_max": 5.0,
+              "loss_agg": "token-mean", "dynamic_sampling": False},
+    "sapo": {"loss": "sapo", "advantage": "grpo", "sapo_temperature_pos": 1.0,
+             "sapo_temperature_neg": 1.05, "loss_agg": "seq-mean-token-mean",
+             "dynamic_sampling": False},
+    "w_reinforce": {"loss": "w_reinforce", "positive_weight": 0.1, "loss_agg": "token-mean",
+                    "dynamic_sampling": False},
+    "nsr": {"loss": "w_reinforce", "positive_weight": 0.0, "loss_agg": "token-mean",
+            "dynamic_sampling": False},
 }
 
 
+# algo.loss values run as user-defined heads (nft_kernels.fused_linear_policy_loss).
+USER_HEAD_LOSSES = ("cispo", "sapo", "w_reinforce")
 CORRECTION_MODES = ("off", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
@@ -319,7 +338,7 @@ def validate(cfg: Config) -> Config:
                                           "reasoning_gym")),
         "rollout.backend": (cfg.rollout.backend, ("hf", "vllm")),
         "rollout_correction.mode": (cfg.rollout_correction.mode, CORRECTION_MODES),
-        "algo.loss": (cfg.algo.loss, ("nft", "ppo")),
+        "algo.loss": (cfg.algo.loss, ("nft", "ppo") + USER_HEAD_LOSSES),
         "algo.advantage": (cfg.algo.advantage, ("grpo", "dr_grpo")),
         "algo.loss_agg": (cfg.algo.loss_agg, ("token-mean", "seq-mean-token-mean",
                                               "seq-mean-token-sum", "token-sum-norm")),
@@ -365,11 +384,15 @@ def validate(cfg: Config) -> Config:
                        "algo.max_log_ratio": cfg.algo.max_log_ratio,
                        "rollout.temperature": cfg.rollout.temperature,
                        "rollout_correction.cap": cfg.rollout_correction.cap,
+                       "algo.cispo_clip_max": cfg.algo.cispo_clip_max,
+                       "algo.sapo_temperature_pos": cfg.algo.sapo_temperature_pos,
+                       "algo.sapo_temperature_neg": cfg.algo.sapo_temperature_neg,
                        "eval.temperature": cfg.eval.temperature}.items():
         _require(_finite(value) and value > 0, key, "must be a finite number > 0", value)
     for key, value in {"train.weight_decay": cfg.train.weight_decay,
                        "train.grad_clip": cfg.train.grad_clip,
                        "algo.neg_weight": cfg.algo.neg_weight,
+                       "algo.positive_weight": cfg.algo.positive_weight,
                        "algo.clip_low": cfg.algo.clip_low,
                        "algo.clip_high": cfg.algo.clip_high}.items():
         _require(_finite(value) and value >= 0, key, "must be a finite number >= 0", value)

@@ -25,7 +25,15 @@ def test_defaults_are_valid_and_presets_set_the_papers_settings(tmp_path):
         ("ppo", 0.2, 0.28, "token-mean", True)
     assert load_config(preset="dr_grpo").algo.advantage == "dr_grpo"
     assert load_config(preset="grpo").algo.advantage == "grpo"
-    assert set(PRESETS) == {"nft", "rft", "grpo", "dr_grpo", "dapo"}
+    assert set(PRESETS) == {"nft", "rft", "grpo", "dr_grpo", "dapo",
+                            "cispo", "sapo", "w_reinforce", "nsr"}
+    cispo = load_config(preset="cispo").algo
+    assert (cispo.loss, cispo.cispo_clip_max, cispo.loss_agg) == ("cispo", 5.0, "token-mean")
+    sapo = load_config(preset="sapo").algo
+    assert (sapo.loss, sapo.sapo_temperature_pos, sapo.sapo_temperature_neg) == \
+        ("sapo", 1.0, 1.05)
+    assert load_config(preset="nsr").algo.positive_weight == 0.0
+    assert load_config(preset="w_reinforce").algo.positive_weight == 0.1
 
 
 def test_file_then_overrides_win_over_the_preset_and_resolved_config_round_trips(tmp_path):

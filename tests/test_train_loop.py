@@ -40,7 +40,7 @@ def test_advantages_and_aggregation_weights():
     assert [w * n for w, n in zip(per_seq, lengths)] == pytest.approx([1 / 3] * 3)
 
 
-@pytest.mark.parametrize("preset", ["nft", "dapo", "dr_grpo"])
+@pytest.mark.parametrize("preset", ["nft", "dapo", "dr_grpo", "w_reinforce"])
 def test_gradient_does_not_depend_on_micro_batching(tmp_path, preset):
     grads = []
     for micro in (24, 6):                    # 24 sequences: one micro-batch, then four
@@ -68,6 +68,22 @@ def test_nft_normalize_2_equals_grpo_in_the_trainer_on_policy(tmp_path):
         trainer.close()
     for name, g in grads["grpo"].items():
         torch.testing.assert_close(grads["nft"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("user_head, ppo_preset", [("cispo", "dapo"), ("sapo", "grpo")])
+def test_user_head_presets_equal_their_ppo_relatives_on_policy(tmp_path, user_head, ppo_preset):
+    """The presets whose heads are user-defined (nft_kernels.losses) run in the trainer: on
+    policy (R = 1) CISPO's gradient -sg(min(R, C)) A d logp is -A d logp, DAPO's; SAPO's
+    gate -A 4 sigma(0)(1 - sigma(0)) R d logp is -A d logp too, GRPO's (same aggregations)."""
+    grads = {}
+    for preset in (user_head, ppo_preset):
+        trainer = _trainer(tmp_path / preset, preset, train={"grad_clip": 0.0})
+        trainer._update(th.fixed_groups(trainer.tokenizer, advantage="grpo"))
+        grads[preset] = th.grads_of(trainer.policy)
+        trainer.close()
+    for name, g in grads[ppo_preset].items():
+        torch.testing.assert_close(grads[user_head][name], g, rtol=1e-4, atol=1e-7, msg=name)
+    assert any(g.abs().max() > 0 for g in grads[user_head].values())
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
