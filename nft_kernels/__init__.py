@@ -13,12 +13,19 @@ from .api import (
 )
 from .backend import extra_memory_bytes
 from .heads import HeadSpec
-from .modules import FusedLinearNFTLoss, FusedLinearPPOLoss, NFTLoss, PPOClipLoss
+from .modules import (
+    FusedLinearNFTLoss,
+    FusedLinearPolicyLoss,
+    FusedLinearPPOLoss,
+    NFTLoss,
+    PPOClipLoss,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedLinearNFTLoss",
+    "FusedLinearPolicyLoss",
     "FusedLinearPPOLoss",
     "HeadSpec",
     "NFTLoss",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .api import fused_linear_nft_loss, fused_linear_ppo_loss, nft_loss, ppo_clip_loss
+from .api import (fused_linear_nft_loss, fused_linear_policy_loss, fused_linear_ppo_loss,
+                  nft_loss, ppo_clip_loss)
 
 
 class _OptionsModule(nn.Module):
@@ -37,6 +38,24 @@ class FusedLinearPPOLoss(_OptionsModule):
         return fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask,
                                      bias=bias, token_weights=token_weights,
                                      ref_logprobs=ref_logprobs, **self.options)
+
+
+class FusedLinearPolicyLoss(_OptionsModule):
+    """A user-defined per-token loss fused with the LM head:
+    ``FusedLinearPolicyLoss(losses.cispo(5.0), reduction="mean")(hidden, lm_head.weight,
+    target, mask, per_token={"old_logprobs": old, "advantages": adv})``; options as in
+    ``fused_linear_policy_loss``."""
+
+    def __init__(self, loss_fn, **options):
+        super().__init__(**options)
+        self.loss_fn = loss_fn
+
+    def forward(self, hidden, weight, target, mask=None, per_token=None, bias=None,
+                token_weights=None, ref_logprobs=None):
+        return fused_linear_policy_loss(hidden, weight, target, self.loss_fn, mask,
+                                        per_token=per_token, bias=bias,
+                                        token_weights=token_weights, ref_logprobs=ref_logprobs,
+                                        **self.options)
 
 
 class NFTLoss(_OptionsModule):

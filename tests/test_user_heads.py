@@ -7,7 +7,17 @@ import importlib.util
 
 import pytest
 import torch
-from helpers import GRAD_RTOL, assert_close_scaled, liger_grpo_problem, make_problem
+from helpers import (
+    DTYPES,
+    GRAD_RTOL,
+    assert_close_scaled,
+    check_against_reference,
+    liger_grpo_problem,
+    make_problem,
+    property_settings,
+)
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nft_kernels import (
     fused_linear_logprobs,
@@ -60,6 +70,55 @@ def test_family_matches_float64_in_every_engine(engine, member):
                                     per_token=per_token, reduction="mean", **engine)
     loss.backward()
     _check_against_float64(p, loss, loss_fn, per_token, reduction="mean")
+
+
+@property_settings(20)
+@given(
+    n=st.integers(1, 40), h=st.sampled_from([1, 7, 16, 23]), v=st.sampled_from([1, 31, 97]),
+    dtype=st.sampled_from(DTYPES), member=st.sampled_from(["cispo", "sapo", "w_reinforce"]),
+    temperature=st.sampled_from([1.0, 0.6]), bias=st.booleans(),
+    mask_kind=st.sampled_from(["random", "all"]), reduction=st.sampled_from(["sum", "mean"]),
+    chunk=st.sampled_from([None, 1, 7]), validate=st.booleans(), weighted=st.booleans(),
+    entropy_coef=st.sampled_from([0.0, 0.05]), seed=st.integers(0, 2**16),
+)
+def test_user_heads_match_float64_property(engine, device, n, h, v, dtype, member, temperature,
+                                           bias, mask_kind, reduction, chunk, validate,
+                                           weighted, entropy_coef, seed):
+    """Random shapes (primes, chunks of 1 and 7 rows crossing every boundary), dtypes,
+    masks left on the device (validate=False), token weights, the entropy bonus: the user
+    head's loss and gradients against float64 autograd through the same loss_fn."""
+    p = make_problem(n, h, v, dtype, device, seed=seed, bias=bias, temperature=temperature,
+                     mask_kind=mask_kind, log_ratio_range=(-1.0, 1.0))
+    gen = torch.Generator().manual_seed(seed)
+    _, loss_fn, per_token = next(m for m in _family(p, gen) if m[0] == member)
+    per_token = {k: t.to(device) for k, t in per_token.items()}
+    weights = None
+    if weighted:
+        weights = (2 * torch.rand(n, generator=gen) * (torch.rand(n, generator=gen) > 0.25))
+        weights = weights.to(device)
+    loss = fused_linear_policy_loss(
+        p["hidden"], p["weight"], p["target"], loss_fn, p["mask"], per_token=per_token,
+        bias=p["bias"], temperature=temperature, token_weights=weights,
+        entropy_coef=entropy_coef, reduction=reduction, validate=validate,
+        workspace_bytes=None if chunk is None else 4 * v * chunk, **engine)
+    loss.backward()
+    cpu_inputs = {k: t.cpu() for k, t in per_token.items()}
+
+    def objective(hh, ww, target, mask, bias=None):
+        return reference_policy_loss(hh, ww, target, loss_fn, cpu_inputs, mask, bias=bias,
+                                     temperature=temperature, token_weights=None if weights
+                                     is None else weights.cpu(), entropy_coef=entropy_coef,
+                                     reduction=reduction)
+
+    mask = None if p["mask"] is None else p["mask"].cpu()
+    ref = reference_with_grads(objective, p["hidden"], p["weight"], p["target"].cpu(), mask,
+                               bias=p["bias"])
+    detached = [None if t is None else t.detach().cpu() for t in (p["hidden"], p["weight"],
+                                                                  p["bias"])]
+    per_token_loss = reference_policy_loss(detached[0], detached[1], p["target"].cpu(),
+                                           loss_fn, cpu_inputs, mask, bias=detached[2],
+                                           temperature=temperature, reduction="none")
+    check_against_reference(p, loss, ref, dtype, per_token_loss.abs().sum().item())
 
 
 @pytest.mark.parametrize("options", [
@@ -231,6 +290,20 @@ def test_sequence_level_loss_by_the_two_pass_route():
     builtin.backward()
     assert abs(loss.item() - builtin.item()) <= 1e-5 * (1 + abs(builtin.item()))
     assert_close_scaled(p["hidden"].grad, h.grad, 1e-5, "dH")
+
+
+def test_module_form_equals_the_function():
+    from nft_kernels import FusedLinearPolicyLoss
+
+    p = make_problem(12, 8, 20, torch.float32, "cpu", seed=6)
+    per_token = {"rewards": p["rewards"]}
+    module = FusedLinearPolicyLoss(losses.w_reinforce(0.3), reduction="mean")
+    assert "reduction='mean'" in repr(module)
+    got = module(p["hidden"], p["weight"], p["target"], p["mask"], per_token=per_token)
+    want = fused_linear_policy_loss(p["hidden"], p["weight"], p["target"],
+                                    losses.w_reinforce(0.3), p["mask"], per_token=per_token,
+                                    reduction="mean")
+    assert torch.equal(got, want)
 
 
 def test_policy_loss_on_given_logprobs_matches_autograd():
