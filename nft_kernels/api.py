@@ -13,6 +13,8 @@ vocab-parallel head's layout and agreement rounds in ``vocab_parallel.py``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import gspo
@@ -71,16 +73,12 @@ def fused_linear_nft_loss(hidden, weight, target, old_logprobs, rewards, correct
     log-probs and entropy come back the same on every rank, dW is the rank's own shard and
     dH is all-reduced over the group. ``target`` holds global vocabulary ids.
     """
+    options = _call_options(locals(), compute_entropy=return_stats, scalar_loss=True)
     spec = val.nft_head(neg_weight=neg_weight, normalize=normalize,
                         clip_negative=clip_negative, rate_clamp=rate_clamp,
                         max_log_ratio=max_log_ratio, ref_logprobs=ref_logprobs, beta=beta,
                         kl_estimator=kl_estimator, kl_bias_correction=kl_bias_correction,
                         entropy_coef=entropy_coef)
-    options = val.CallOptions(
-        temperature=temperature, softcap=softcap, reduction=reduction, filter_eps=filter_eps,
-        deterministic=bool(deterministic), impl=impl, mode=mode,
-        workspace_bytes=workspace_bytes, validate=bool(validate), compute_entropy=return_stats,
-        scalar_loss=True, process_group=process_group, vocab_start=vocab_start)
     named = val.named_token_inputs(spec, old_logprobs=old_logprobs, rewards=rewards,
                                    correct_rate=correct_rate, token_weights=token_weights,
                                    ref_logprobs=ref_logprobs)
@@ -116,15 +114,11 @@ def fused_linear_ppo_loss(hidden, weight, target, old_logprobs, advantages, mask
     tokens, so this path runs the fused log-probs (logits recomputed in the backward, 8NHV)
     and the head on them by autograd.
     """
+    options = _call_options(locals(), compute_entropy=return_stats, scalar_loss=True)
     spec = val.ppo_head(clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c,
                         max_log_ratio=max_log_ratio, ref_logprobs=ref_logprobs, beta=beta,
                         kl_estimator=kl_estimator, kl_bias_correction=kl_bias_correction,
                         entropy_coef=entropy_coef)
-    options = val.CallOptions(
-        temperature=temperature, softcap=softcap, reduction=reduction, filter_eps=filter_eps,
-        deterministic=bool(deterministic), impl=impl, mode=mode,
-        workspace_bytes=workspace_bytes, validate=bool(validate), compute_entropy=return_stats,
-        scalar_loss=True, process_group=process_group, vocab_start=vocab_start)
     named = val.named_token_inputs(spec, old_logprobs=old_logprobs, advantages=advantages,
                                    token_weights=token_weights, ref_logprobs=ref_logprobs)
     if val.sequence_level(importance_sampling_level, sequence_ids, options.filter_eps):
@@ -149,12 +143,8 @@ def fused_linear_logprobs(hidden, weight, target, *, bias=None, temperature=1.0,
     A vocab-sharded weight (``process_group``, ``vocab_start``, or a DTensor weight) as in
     ``fused_linear_nft_loss``.
     """
-    options = val.CallOptions(
-        temperature=temperature, softcap=softcap, reduction="none",
-        deterministic=bool(deterministic), impl=impl, mode=mode,
-        workspace_bytes=workspace_bytes, validate=bool(validate),
-        compute_entropy=bool(return_entropy), scalar_loss=False, process_group=process_group,
-        vocab_start=vocab_start)
+    options = _call_options(locals(), reduction="none", compute_entropy=bool(return_entropy),
+                            scalar_loss=False)
     _, logp, entropy = _fused(hidden, weight, target, mask, bias, HeadSpec(kind="none"), {},
                               options)
     return (logp, entropy) if return_entropy else logp
@@ -230,15 +220,11 @@ def fused_linear_policy_loss(hidden, weight, target, loss_fn, mask=None, *, per_
     Inputs in ``per_token`` are checked finite on counted tokens (``old_logprobs`` as
     log-probs: -inf allowed).
     """
+    options = _call_options(locals(), compute_entropy=return_stats, scalar_loss=True)
     spec = val.custom_head(loss_fn, per_token=per_token or {}, ref_logprobs=ref_logprobs,
                            beta=beta, kl_estimator=kl_estimator,
                            kl_bias_correction=kl_bias_correction, entropy_coef=entropy_coef,
                            validate=validate)
-    options = val.CallOptions(
-        temperature=temperature, softcap=softcap, reduction=reduction, filter_eps=filter_eps,
-        deterministic=bool(deterministic), impl=impl, mode=mode,
-        workspace_bytes=workspace_bytes, validate=bool(validate), compute_entropy=return_stats,
-        scalar_loss=True, process_group=process_group, vocab_start=vocab_start)
     named = val.custom_token_inputs(spec, per_token, token_weights=token_weights,
                                     ref_logprobs=ref_logprobs)
     loss, logp, entropy = _fused(hidden, weight, target, mask, bias, spec, named, options)
@@ -271,6 +257,16 @@ def policy_loss(logprobs, loss_fn, mask=None, *, per_token=None, token_weights=N
 
 
 # ---- the fused path ------------------------------------------------------------------------
+_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(val.CallOptions))
+
+
+def _call_options(arguments: dict, **fixed) -> val.CallOptions:
+    """``CallOptions`` from a public function's arguments (its ``locals()`` on entry), by
+    field name; ``fixed``: the fields the function decides itself."""
+    return val.CallOptions(**{k: v for k, v in arguments.items() if k in _OPTION_NAMES},
+                           **fixed)
+
+
 def _with_stats(loss, logp, entropy, return_stats):
     if return_stats:
         return loss, {"logprobs": logp.detach(),

@@ -491,6 +491,8 @@ class CallOptions:
     vocab_start: int | None = None
 
     def __post_init__(self):
+        for flag in ("deterministic", "validate", "compute_entropy", "scalar_loss"):
+            object.__setattr__(self, flag, bool(getattr(self, flag)))
         if not isinstance(self.temperature, torch.Tensor):
             check_scalar("temperature", self.temperature, low=0.0, low_open=True)
         if self.softcap is not None:
