@@ -9,11 +9,15 @@ float64 reference and, where Liger-Kernel 0.8 has the loss type, against
                                     per_token={"old_logprobs": old, "advantages": adv},
                                     token_weights=mask / mask.sum(), reduction="sum")
 
-The aggregation (token-level "sum of weights", a response mean, ...) is the caller's, through
+``vespo`` reads a whole response, so it runs on fused log-probs (``policy_loss(...,
+token_level=False)``) instead. The aggregation (token mean, response mean, ...) is the
+caller's, through
 ``token_weights`` and ``reduction``, as for the built-in heads (``nft_train.batch``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -85,3 +89,35 @@ def luspo_token_weights(mask: torch.Tensor) -> torch.Tensor:
     counted = (mask != 0).float()
     lengths = counted.sum(dim=1, keepdim=True)
     return counted * lengths / (mask.shape[0] * mask.shape[1])
+
+
+def vespo(k_pos: float = 2.0, lambda_pos: float = 3.0, k_neg: float = 3.0,
+          lambda_neg: float = 2.0):
+    """VESPO (TRL's ``get_gamma_weights``, Liger's ``loss_type="vespo"``): REINFORCE weighted
+    by a detached gamma-shaped function of the response's importance weight
+    w = exp(clamp(sum of clamp(logp - old, -20, 20) over the response, log 1e-8, 20)):
+    phi(w) = exp(lambda + k log w - lambda w) (phi(1) = 1), k and lambda by the sign of A
+    (defaults as TRL and Liger), loss = -phi A logp. A sequence-level loss (w reads the whole
+    response): take the two-pass route, ``policy_loss(fused_linear_logprobs(...), vespo(),
+    per_token={"old_logprobs", "advantages", "sequence_ids"}, mask=mask, token_level=False)``.
+    ``sequence_ids``: one number per token, equal within a response (as floats)."""
+    for name, value in (("lambda_pos", lambda_pos), ("lambda_neg", lambda_neg)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+    def vespo_loss(logp, old_logprobs, advantages, sequence_ids, mask=None):
+        index = torch.unique(sequence_ids, return_inverse=True)[1].reshape(-1)
+        counted = torch.ones_like(logp) if mask is None else mask.to(logp.dtype)
+        with torch.no_grad():  # phi scales the gradient; it is not differentiated
+            log_ratio = (logp - old_logprobs).clamp(-20.0, 20.0) * counted
+            total = torch.zeros(int(index.max()) + 1 if index.numel() else 0,
+                                dtype=logp.dtype, device=logp.device)
+            log_w = total.index_add(0, index, log_ratio).clamp(math.log(1e-8), 20.0)
+            log_w = log_w.index_select(0, index)
+            k = torch.where(advantages >= 0, k_pos, k_neg)
+            lam = torch.where(advantages >= 0, lambda_pos, lambda_neg)
+            phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+            phi = phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+        return -phi * advantages * logp
+
+    return vespo_loss

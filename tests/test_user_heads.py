@@ -263,6 +263,36 @@ def test_family_matches_liger(loss_type, mode):
     assert_close_scaled(w2.grad, w1.grad, GRAD_RTOL[torch.float32], "dW")
 
 
+@needs_liger
+def test_vespo_by_the_two_pass_route_matches_liger():
+    """VESPO's weight reads the whole response: refused on the fused path, and through
+    fused_linear_logprobs + policy_loss(token_level=False) equal to Liger's "vespo"."""
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    b, t = 4, 7
+    gen, hidden, weight, target, mask, seq_adv, logp = liger_grpo_problem(13, b, t)
+    old = (logp + 0.2 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    liger = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="vespo",
+                                     compiled=False)
+    out = liger(h1, w1, target, mask.long(), seq_adv, old_per_token_logps=old)
+    liger_loss = out[0] if isinstance(out, tuple) else out
+    liger_loss.backward()
+
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    per_token = {"old_logprobs": old, "advantages": seq_adv[:, None].expand(b, t),
+                 "sequence_ids": torch.arange(b)[:, None].expand(b, t).float()}
+    with pytest.raises(ValueError, match="depends on other tokens"):
+        fused_linear_policy_loss(h2, w2, target, losses.vespo(), mask, per_token=per_token)
+    ours = policy_loss(fused_linear_logprobs(h2, w2, target, mask=mask), losses.vespo(), mask,
+                       per_token=per_token, token_level=False, reduction="mean")
+    ours.backward()
+    assert abs(ours.item() - liger_loss.item()) <= 1e-5 * (1 + abs(liger_loss.item())), \
+        (ours.item(), liger_loss.item())
+    assert_close_scaled(h2.grad, h1.grad, GRAD_RTOL[torch.float32], "dH")
+    assert_close_scaled(w2.grad, w1.grad, GRAD_RTOL[torch.float32], "dW")
+
+
 def test_sequence_level_loss_by_the_two_pass_route():
     """A loss that reads a whole response (GSPO's mean log-ratio) is refused on the fused
     path with the route to take, and that route (fused log-probs + policy_loss(...,
@@ -360,3 +390,5 @@ def test_family_options_are_checked():
         losses.sapo(temperature_neg=-1)
     with pytest.raises(ValueError, match="positive_weight must be >= 0"):
         losses.w_reinforce(-0.5)
+    with pytest.raises(ValueError, match="lambda_neg must be > 0"):
+        losses.vespo(lambda_neg=0.0)
