@@ -11,8 +11,8 @@ float64 reference and, where Liger-Kernel 0.8 has the loss type, against
 
 ``vespo`` reads a whole response, so it runs on fused log-probs (``policy_loss(...,
 token_level=False)``) instead. The aggregation (token mean, response mean, ...) is the
-caller's, through
-``token_weights`` and ``reduction``, as for the built-in heads (``nft_train.batch``).
+caller's, through ``token_weights`` and ``reduction``, as for the built-in heads
+(``nft_train.batch``).
 """
 
 from __future__ import annotations
