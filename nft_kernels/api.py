@@ -209,7 +209,8 @@ def fused_linear_policy_loss(hidden, weight, target, loss_fn, mask=None, *, per_
 
     Each token's loss must read only its own log-prob and inputs (checked with
     ``validate=True``: every other row of a chunk is evaluated again alone, and the losses and
-    gradients must be finite on counted tokens). For sequence-level losses (a response's
+    gradients must be finite on counted tokens; these checks read back once per chunk,
+    ``validate=False`` skips them and synchronises nowhere). For sequence-level losses (a response's
     mean ratio, GSPO-like) take ``fused_linear_logprobs`` and ``policy_loss(...,
     token_level=False)``: the logits are then recomputed in the backward (8NHV).
 
