@@ -27,7 +27,11 @@ from nft_kernels import (
     losses,
     policy_loss,
 )
-from nft_kernels.reference import reference_policy_loss, reference_with_grads
+from nft_kernels.reference import (
+    reference_logprobs,
+    reference_policy_loss,
+    reference_with_grads,
+)
 
 needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None,
                                  reason="liger-kernel is not installed")
@@ -151,6 +155,42 @@ def test_user_head_options_match_float64(engine, options):
         _check_against_float64(p, loss, loss_fn, per_token, reduction=options.get(
             "reduction", "sum"), token_weights=weights, entropy_coef=coef,
             temperature=temperature)
+
+
+@pytest.mark.parametrize("extra", ["softcap", "kl"])
+def test_user_head_with_softcap_or_kl_matches_float64(engine, extra):
+    """The soft cap (Gemma's c tanh(z / c)) and the KL term to a reference policy (k3 as TRL,
+    beta 0.1) around a user head: the same as adding them to loss_fn in float64."""
+    p = make_problem(23, 16, 40, torch.float32, "cpu", seed=12, bias=True, logit_scale=4.0)
+    gen = torch.Generator().manual_seed(3)
+    loss_fn = losses.cispo(clip_max=1.3)
+    per_token = {"old_logprobs": p["old"], "advantages": torch.randn(23, generator=gen)}
+    ref = p["old"] + 0.3 * torch.randn(23, generator=gen)
+    options = dict(softcap=2.0) if extra == "softcap" else dict(
+        ref_logprobs=ref, beta=0.1, kl_estimator="k3_unclipped")
+    loss = fused_linear_policy_loss(p["hidden"], p["weight"], p["target"], loss_fn, p["mask"],
+                                    per_token=per_token, bias=p["bias"], **options, **engine)
+    loss.backward()
+
+    def with_kl(logp, **inputs):
+        out = loss_fn(logp, **inputs)
+        if extra == "kl":
+            x = ref.double() - logp
+            out = out + 0.1 * (torch.exp(x) - x - 1.0)
+        return out
+
+    def objective(hh, ww, target, mask, bias=None):
+        logp, _ = reference_logprobs(hh, ww, target, bias=bias,
+                                     softcap=options.get("softcap"))
+        out = with_kl(logp, **{k: v.double() for k, v in per_token.items()})
+        return torch.where(mask, out, torch.zeros_like(out)).sum()
+
+    ref_loss, ref_dh, ref_dw, ref_db = reference_with_grads(
+        objective, p["hidden"], p["weight"], p["target"], p["mask"], bias=p["bias"])
+    assert abs(loss.item() - ref_loss.item()) <= 1e-4 * (1.0 + abs(ref_loss.item()))
+    assert_close_scaled(p["hidden"].grad, ref_dh, GRAD_RTOL[torch.float32], "dH")
+    assert_close_scaled(p["weight"].grad, ref_dw, GRAD_RTOL[torch.float32], "dW")
+    assert_close_scaled(p["bias"].grad, ref_db, GRAD_RTOL[torch.float32], "d bias")
 
 
 @pytest.mark.parametrize("head", ["nft", "ppo"])
