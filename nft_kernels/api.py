@@ -22,7 +22,7 @@ from . import validation as val
 from . import vocab_parallel as vp
 from .autograd import FusedLinearHead, FusedLinearScalarLoss, LossHead
 from .backend import engine, head_module, row_plan
-from .heads import (HeadSpec, check_loss_per_token, kl_and_grad, reduce_loss,
+from .heads import (HeadSpec, check_loss_per_token, kl_penalty, reduce_loss,
                     reduction_scale)
 
 
@@ -382,11 +382,8 @@ def _whole_call_loss(logprobs, spec: HeadSpec, named: dict, mask, reduction, val
     check_loss_per_token(loss_t, logp)
     loss_t = loss_t.float()
     if spec.kl_code:
-        kl, _ = kl_and_grad(logp.float(), inputs.ref_logprobs, spec.kl_code)
-        if spec.kl_bias_correction:
-            log_ratio = (logp.float() - inputs.old_logprobs).clamp(max=spec.max_log_ratio)
-            kl = kl * torch.exp(log_ratio)
-        loss_t = loss_t + spec.beta * kl
+        log_ratio = logp.float() - inputs.old_logprobs if spec.kl_bias_correction else None
+        loss_t = loss_t + kl_penalty(spec, logp.float(), inputs.ref_logprobs, log_ratio)
     if inputs.token_weights is not None:
         loss_t = loss_t * inputs.token_weights
     if mask_flat is not None:

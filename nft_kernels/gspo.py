@@ -12,7 +12,7 @@ import torch
 
 from . import validation as val
 from . import vocab_parallel as vp
-from .heads import HeadSpec, kl_and_grad, ppo_loss_and_grad, reduce_loss
+from .heads import HeadSpec, kl_penalty, ppo_loss_and_grad, reduce_loss
 
 
 def sequence_ppo(logp, entropy, named: dict, mask, sequence_ids, spec: HeadSpec, *,
@@ -70,9 +70,6 @@ def sequence_ppo_loss(logp, old, advantage, sequence_index, n_sequences, counted
     # loss is written in torch ops, so autograd differentiates it through the mean.
     loss, _ = ppo_loss_and_grad(response_log_ratio, torch.zeros_like(response_log_ratio),
                                 advantage, spec)
-    if spec.kl_code:
-        kl, _ = kl_and_grad(logp, ref, spec.kl_code)  # torch ops: autograd differentiates
-        if spec.kl_bias_correction:  # the response's ratio, as TRL and Liger at sequence level
-            kl = kl * torch.exp(response_log_ratio.clamp(max=spec.max_log_ratio))
-        loss = loss + spec.beta * kl
+    if spec.kl_code:  # bias correction: the response's ratio, as TRL and Liger do
+        loss = loss + kl_penalty(spec, logp, ref, response_log_ratio)
     return torch.where(counted, loss, torch.zeros_like(loss))

@@ -223,6 +223,16 @@ def head_loss_and_grad(spec: HeadSpec, logp, inputs, counted=None):
     return loss, g
 
 
+def kl_penalty(spec: HeadSpec, logp, ref, log_ratio=None):
+    """beta * the KL estimate per token in torch ops (differentiated by autograd: the heads
+    that run as written, GSPO's and a whole-call user loss); with ``kl_bias_correction``
+    times the ratio exp(min(log_ratio, max_log_ratio)), ``log_ratio`` then required."""
+    kl, _ = kl_and_grad(logp, ref, spec.kl_code)
+    if spec.kl_bias_correction:
+        kl = kl * torch.exp(log_ratio.clamp(max=spec.max_log_ratio))
+    return spec.beta * kl
+
+
 def custom_loss_and_grad(spec: HeadSpec, logp, named: dict, counted=None):
     """A user-defined head: (loss_fn(logp, **named), its derivative w.r.t. logp by autograd).
 
