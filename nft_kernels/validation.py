@@ -535,6 +535,15 @@ def _autocast(hidden, weight, bias):
     return cast(hidden), cast(weight), cast(bias)
 
 
+def _flatten_per_token(named: dict, mask, lead: tuple, device):
+    """The named per-token tensors and the mask, each [...] -> [N] (contiguous; the mask as
+    bool, None when not given), shapes, dtypes and devices checked."""
+    flat = {name: flatten_tokens(name, t, lead, device).contiguous() for name, t in named.items()}
+    if mask is None:
+        return flat, None
+    return flat, (flatten_tokens("mask", mask, lead, device, kind="mask") != 0).contiguous()
+
+
 def prepare_fused(hidden, weight, target, mask, bias, named: dict,
                   options: CallOptions) -> PreparedCall:
     """Every check that needs no data, and the flattening: hidden [..., H] -> [N, H], each
@@ -545,10 +554,7 @@ def prepare_fused(hidden, weight, target, mask, bias, named: dict,
         bias = bias.contiguous()  # the kernels index the bias with unit stride
     dev = hidden.device
     lead = tuple(hidden.shape[:-1])
-    flat = {name: flatten_tokens(name, t, lead, dev).contiguous() for name, t in named.items()}
-    mask_flat = None
-    if mask is not None:
-        mask_flat = (flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+    flat, mask_flat = _flatten_per_token(named, mask, lead, dev)
     temps = None
     if isinstance(options.temperature, torch.Tensor):
         temps = flatten_tokens("temperature", options.temperature, lead, dev)
@@ -598,10 +604,7 @@ def check_logprob_inputs(logprobs, named: dict, mask, validate: bool, spec: Head
     check_float_tensor("logprobs", logprobs, getattr(logprobs, "device", None))
     lead = tuple(logprobs.shape)
     dev = logprobs.device
-    flat = {name: flatten_tokens(name, t, lead, dev).contiguous() for name, t in named.items()}
-    mask_flat = None
-    if mask is not None:
-        mask_flat = (flatten_tokens("mask", mask, lead, dev, kind="mask") != 0).contiguous()
+    flat, mask_flat = _flatten_per_token(named, mask, lead, dev)
     logp = logprobs.reshape(-1).contiguous()
     if validate:
         checks = ValueChecks()
@@ -618,10 +621,9 @@ def check_sequence_inputs(logp, named: dict, mask, sequence_ids, *, validate: bo
     responses); ``group``: a sharded call's ``GroupCall`` (its agreement round)."""
     lead = tuple(logp.shape)
     dev = logp.device
-    flat = {name: flatten_tokens(name, t, lead, dev) for name, t in named.items()}
-    counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
-    if mask is not None:
-        counted = flatten_tokens("mask", mask, lead, dev, kind="mask") != 0
+    flat, counted = _flatten_per_token(named, mask, lead, dev)
+    if counted is None:
+        counted = torch.ones(logp.numel(), dtype=torch.bool, device=dev)
     ids = flatten_tokens("sequence_ids", sequence_ids, lead, dev, kind="index")
     unique, index = torch.unique(ids, return_inverse=True)
     checks = ValueChecks()
